@@ -1,0 +1,31 @@
+"""Shared test fixtures. ``SHARED`` is the workplace's shared folder beside the checkout; tests that need it skip cleanly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CASCADE_SHARED", ROOT.parent / "shared"))
+REAL_DIR = SHARED / "data" / "real"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def real_dir() -> Path:
+    if not REAL_DIR.is_dir():
+        pytest.skip(f"real CT folder not found: {REAL_DIR}")
+    return REAL_DIR
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
