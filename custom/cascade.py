@@ -1,0 +1,414 @@
+"""The cascade at inference: stage 1 inside C1, C2 from its dilated foreground, stage 2 inside C2, back to the input.
+
+:class:`CascadeInferer` chains the two tiled inferers (a MONAI ``Inferer``: usable by an evaluator);
+:class:`CascadeRunner` is the batch front end used by ``bundle/configs/inference.json`` and ``evaluate.json``: one
+case at a time, every output written in the input's own geometry (same voxel order, shape and affine), a per-case QC
+JSON and preview, and a failing case logged and skipped so the others still run (the run then exits non-zero with a
+summary). Probabilities are never resampled back unless asked: labels are taken by argmax at the working resolution
+and resampled with nearest neighbour, as the paper does for labels (8 classes of float probabilities at full
+resolution are GBs).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from monai.transforms import Compose, Invertd
+
+from custom.candidates import candidate_region, organ_flags
+from custom.io import write_nifti_safely
+from custom.metrics import candidate_recall_fpr, dice_per_class
+
+logger = logging.getLogger(__name__)
+
+
+def _as_mask_tensor(array: np.ndarray, like: torch.Tensor) -> MetaTensor:
+    t = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.uint8)
+    meta = dict(like.meta) if isinstance(like, MetaTensor) else {}
+    ops = list(like.applied_operations) if isinstance(like, MetaTensor) else []
+    return MetaTensor(t, meta=meta, applied_operations=ops)
+
+
+class CascadeInferer(Inferer):
+    """Stage 1 (inside C1) → C2 = dilated stage-1 foreground ∩ C1 → stage 2 (inside C2).
+
+    ``__call__(inputs, network, mask=c1)`` returns the stage-2 probabilities (B, K, ...); ``network`` is the stage-2
+    network (so MONAI's evaluator can own it), ``stage1_network`` is held here. After a call, ``last_outputs`` holds
+    ``stage1`` (argmax labels) and ``c2`` as (B, 1, ...) uint8 tensors, and ``last_stats`` the per-stage tile counts,
+    candidate fractions, seconds and organ flags.
+
+    When an organ is missing or implausibly small in the stage-1 output (``min_organ_ml``), the case is flagged and
+    C2 uses ``fallback`` (see :func:`custom.candidates.candidate_region` / ``CandidateRegiond``): the default widens the
+    candidate region instead of letting stage 2 miss the organ.
+    """
+
+    def __init__(
+        self,
+        stage1_network: torch.nn.Module,
+        stage1_inferer: Inferer,
+        stage2_inferer: Inferer,
+        radius: int = 3,
+        element: str = "ball",
+        labels: Mapping[str, int] | None = None,
+        min_organ_ml: float | Mapping[str, float] | None = None,
+        spacing: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        self.stage1_network = stage1_network
+        self.stage1_inferer = stage1_inferer
+        self.stage2_inferer = stage2_inferer
+        self.radius = radius
+        self.element = element
+        self.labels = dict(labels) if labels else None
+        self.min_organ_ml = min_organ_ml
+        self.spacing = spacing
+        self.last_outputs: dict[str, torch.Tensor] = {}
+        self.last_stats: dict = {}
+
+    def stage1(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        prob = self.stage1_inferer(inputs, self.stage1_network, mask=mask)
+        labels = prob.argmax(1, keepdim=True).to(torch.uint8)
+        self.last_stats["stage1"] = {
+            **getattr(self.stage1_inferer, "last_stats", {}),
+            "seconds": time.perf_counter() - t0,
+        }
+        return labels
+
+    def candidates(self, stage1_labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """C2 for each batch item: dilated stage-1 foreground ∩ C1 (computed on the CPU with a distance transform)."""
+        t0 = time.perf_counter()
+        out, flags = [], []
+        for b in range(stage1_labels.shape[0]):
+            pred = stage1_labels[b, 0].cpu().numpy()
+            body = None if mask is None else mask[b, 0].cpu().numpy().astype(bool)
+            c2 = candidate_region(pred, radius=self.radius, element=self.element, body=body)
+            if self.labels and self.min_organ_ml is not None:
+                vox_ml = float(np.prod(self._spacing(stage1_labels))) / 1000.0
+                bad = organ_flags(pred, self.labels, vox_ml, self.min_organ_ml)
+                if bad:
+                    # fallback: a missing/too-small organ must not vanish from stage 2; keep the whole body region
+                    logger.warning("stage-1 organs missing or too small %s: C2 falls back to C1 for this case", bad)
+                    c2 = body if body is not None else np.ones_like(c2)
+                flags.append(bad)
+            out.append(torch.as_tensor(np.ascontiguousarray(c2))[None])
+        c2 = torch.stack(out).to(torch.uint8)
+        self.last_stats["c2"] = {
+            "seconds": time.perf_counter() - t0,
+            "fraction": float(c2.float().mean()),
+            "flags": flags,
+        }
+        return c2
+
+    def stage2(self, inputs, network, c2, inferer: Inferer | None = None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        inferer = inferer or self.stage2_inferer
+        prob = inferer(inputs, network, mask=c2.to(inputs.device))
+        self.last_stats["stage2"] = {**getattr(inferer, "last_stats", {}), "seconds": time.perf_counter() - t0}
+        return prob
+
+    def _spacing(self, t: torch.Tensor) -> Sequence[float]:
+        if self.spacing is not None:
+            return self.spacing
+        if isinstance(t, MetaTensor):
+            return [float(s) for s in t.pixdim[: t.ndim - 2]]
+        return [1.0, 1.0, 1.0]
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, mask: torch.Tensor | None = None, **kwargs):
+        self.last_stats = {}
+        lab1 = self.stage1(inputs, mask)
+        c2 = self.candidates(lab1, mask)
+        prob = self.stage2(inputs, network, c2)
+        self.last_outputs = {
+            "stage1": _as_mask_tensor(lab1.cpu().numpy(), inputs),
+            "c2": _as_mask_tensor(c2.numpy(), inputs),
+        }
+        return prob
+
+
+class CascadeRunner:
+    """Runs the cascade over a list of cases and writes every output in the input's geometry.
+
+    Args:
+        data: case dicts with ``image`` (a NIfTI file or a DICOM series folder), ``case_id`` and, for evaluation,
+            ``label``; see :func:`custom.io.list_inputs`.
+        preprocessing: the deterministic preprocessing (``preprocessing_transforms`` of common.json); it must produce
+            ``image`` and the body mask ``c1``; its spatial steps are inverted to go back to the input geometry.
+        cascade: a :class:`CascadeInferer` (holds stage 1). ``stage2_network``: the stage-2 network.
+        output_dir: where ``<case>_seg.nii.gz`` (and the optional outputs) go.
+        save: which optional outputs to write: any of ``probabilities``, ``c1``, ``stage1``, ``c2``, ``qc``,
+            ``preview``.
+        stage2_variants: extra stage-2 inferers evaluated on the same C2 (e.g. ``{"stage2_ol": <overlap 4>}``);
+            only the main one (``stage2``) is written as the label map.
+        evaluate: compare with ``label`` and write ``metrics.csv`` (per case, per stage, per organ) and
+            ``c2_recall_fpr.csv``.
+        overwrite: existing outputs are an error unless True (checked for every case before any computation).
+        stage1_only: stop after C2 (the step that writes candidate regions for stage-2 training).
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Mapping],
+        preprocessing: Compose,
+        cascade: CascadeInferer,
+        stage2_network: torch.nn.Module | None,
+        output_dir: str,
+        labels: Mapping[str, int],
+        device: str | torch.device = "cpu",
+        save: Sequence[str] = ("qc", "preview"),
+        stage2_variants: Mapping[str, Inferer] | None = None,
+        evaluate: bool = False,
+        overwrite: bool = False,
+        stage1_only: bool = False,
+        radii: Sequence[int] = tuple(range(7)),
+        progress: bool = True,
+    ):
+        self.data = list(data)
+        if not self.data:
+            raise ValueError("no input cases: the input list is empty")
+        self.preprocessing = preprocessing
+        self.cascade = cascade
+        self.stage2_network = stage2_network
+        self.output_dir = Path(output_dir)
+        self.labels = dict(labels)
+        self.device = torch.device(device)
+        self.save = set(save)
+        unknown = self.save - {"probabilities", "c1", "stage1", "c2", "qc", "preview"}
+        if unknown:
+            raise ValueError(f"unknown outputs to save: {sorted(unknown)}")
+        self.stage2_variants = dict(stage2_variants or {})
+        self.evaluate = evaluate
+        self.overwrite = overwrite
+        self.stage1_only = stage1_only
+        self.radii = list(radii)
+        self.progress = progress
+        self.failures: list[dict] = []
+        self.metrics_rows: list[dict] = []
+        self.c2_rows: list[dict] = []
+
+    # -- outputs -------------------------------------------------------------------------------------------------
+    def planned_outputs(self, case_id: str) -> dict[str, Path]:
+        o = self.output_dir
+        if self.stage1_only:
+            out = {"c2": o / f"{case_id}_c2.nii.gz", "stage1": o / f"{case_id}_stage1.nii.gz"}
+        else:
+            out = {"seg": o / f"{case_id}_seg.nii.gz"}
+            for k in ("c1", "stage1", "c2"):
+                if k in self.save:
+                    out[k] = o / f"{case_id}_{k}.nii.gz"
+            if "probabilities" in self.save:
+                out["probabilities"] = o / f"{case_id}_prob.nii.gz"
+        if "qc" in self.save:
+            out["qc"] = o / f"{case_id}_qc.json"
+        if "preview" in self.save and not self.stage1_only:
+            out["preview"] = o / f"{case_id}_preview.png"
+        return out
+
+    def _check_existing(self) -> None:
+        if self.overwrite:
+            return
+        existing = [str(p) for c in self.data for p in self.planned_outputs(c["case_id"]).values() if p.exists()]
+        if existing:
+            raise FileExistsError(
+                f"{len(existing)} output file(s) already exist and overwrite is off (pass --overwrite true to replace "
+                f"them): {', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}"
+            )
+
+    # -- one case ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_case(self, case: Mapping) -> dict:
+        case_id = case["case_id"]
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        d = self.preprocessing(dict(case))
+        timings["read_preprocess"] = time.perf_counter() - t0
+        image = d["image"][None].to(self.device)
+        c1 = d["c1"][None].to(self.device)
+        self.cascade.last_stats = {}
+        lab1 = self.cascade.stage1(image, c1)
+        c2 = self.cascade.candidates(lab1, c1)
+        stats = dict(self.cascade.last_stats)
+        timings["stage1"] = stats["stage1"]["seconds"]
+        timings["c2"] = stats["c2"]["seconds"]
+        preds: dict[str, torch.Tensor] = {}
+        prob_main = None
+        if not self.stage1_only:
+            prob_main = self.cascade.stage2(image, self.stage2_network, c2)
+            stats["stage2"] = self.cascade.last_stats["stage2"]
+            timings["stage2"] = stats["stage2"]["seconds"]
+            preds["stage2"] = prob_main.argmax(1, keepdim=True).to(torch.uint8)
+            for name, inferer in self.stage2_variants.items():
+                p = self.cascade.stage2(image, self.stage2_network, c2, inferer)
+                stats[name] = self.cascade.last_stats["stage2"]
+                timings[name] = stats[name]["seconds"]
+                preds[name] = p.argmax(1, keepdim=True).to(torch.uint8)
+
+        # back to the input geometry: argmax labels with nearest neighbour (never 8 float channels at full size)
+        t1 = time.perf_counter()
+        img = d["image"]
+        work = {
+            "image": img,
+            "c1": _as_mask_tensor(d["c1"].cpu().numpy(), img),
+            "stage1": _as_mask_tensor(lab1[0].cpu().numpy(), img),
+            "c2": _as_mask_tensor(c2[0].numpy(), img),
+        }
+        for name, p in preds.items():
+            work[name] = _as_mask_tensor(p[0].cpu().numpy(), img)
+        orig = self._to_input_geometry(work, list(preds))
+        timings["resample_back"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        affine = np.asarray(d["image"].meta.get("original_affine", d["image"].affine), dtype=np.float64)
+        paths = self.planned_outputs(case_id)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        out_keys = {"c2": "c2", "stage1": "stage1", "c1": "c1", "seg": "stage2"}
+        for key, path in paths.items():
+            if key in out_keys and out_keys[key] in orig:
+                write_nifti_safely(orig[out_keys[key]], affine, path, overwrite=self.overwrite)
+        if "probabilities" in paths and prob_main is not None:
+            self._write_probabilities(prob_main, d, paths["probabilities"])
+        timings["write"] = time.perf_counter() - t2
+
+        voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+        final = orig.get("stage2", orig.get("stage1"))
+        volumes = {n: float((final == k).sum() * voxel_ml) for n, k in self.labels.items()}
+        qc = {
+            "case_id": case_id,
+            "input": str(case["image"]),
+            "shape": list(final.shape),
+            "affine": affine.tolist(),
+            "organ_volumes_ml": volumes,
+            "empty_organs": [n for n, v in volumes.items() if v == 0.0],
+            "stage1_flags": (stats["c2"].get("flags") or [[]])[0],
+            "c1_fraction": float(d["c1"].float().mean()),
+            "c2_fraction": stats["c2"]["fraction"],
+            "tiles": {
+                s: {
+                    k: stats[s].get(k)
+                    for k in ("tiles_run", "tiles_skipped", "candidate_fraction", "mode", "tile_size")
+                }
+                for s in stats
+                if s != "c2"
+            },
+            "seconds": timings,
+        }
+        if qc["empty_organs"]:
+            logger.warning("%s: no voxel of %s in the output", case_id, ", ".join(qc["empty_organs"]))
+        if self.evaluate and "label" in case:
+            self._evaluate(case, d, lab1, orig, preds)
+        if "qc" in paths:
+            tmp = paths["qc"].with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(qc, indent=2))
+            tmp.replace(paths["qc"])
+        if "preview" in paths:
+            self._preview(d, preds.get("stage2", lab1), paths["preview"], case_id)
+        qc["seconds"]["total"] = time.perf_counter() - t0
+        return qc
+
+    def _to_input_geometry(self, work: dict, pred_keys: list[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for key in [k for k in ("c1", "stage1", "c2", *pred_keys) if k in work]:
+            inv = Invertd(keys=key, transform=self.preprocessing, orig_keys="image", nearest_interp=True)
+            res = inv({"image": work["image"], key: work[key]})[key]
+            out[key] = np.asarray(res[0].round().cpu().numpy(), dtype=np.uint8)
+        return out
+
+    def _write_probabilities(self, prob: torch.Tensor, d: Mapping, path: Path) -> None:
+        # linear interpolation for probabilities (paper); channel-last 4D NIfTI, float16 to halve the size
+        inv = Invertd(keys="prob", transform=self.preprocessing, orig_keys="image", nearest_interp=False)
+        p = MetaTensor(
+            prob[0].float().cpu(), meta=dict(d["image"].meta), applied_operations=list(d["image"].applied_operations)
+        )
+        res = inv({"image": d["image"], "prob": p})["prob"].cpu().numpy()
+        affine = np.asarray(d["image"].meta.get("original_affine", d["image"].affine), dtype=np.float64)
+        write_nifti_safely(np.moveaxis(res, 0, -1).astype(np.float16), affine, path, overwrite=self.overwrite)
+
+    def _evaluate(self, case, d, lab1, orig, preds) -> None:
+        import nibabel as nib
+
+        gt = np.asarray(nib.load(str(case["label"])).dataobj).astype(np.int64)
+        stages = {"stage1": orig["stage1"], **{k: orig[k] for k in preds}}
+        for stage, pred in stages.items():
+            if pred.shape != gt.shape:
+                raise ValueError(f"{case['label']}: label shape {gt.shape} differs from the image's {pred.shape}")
+            row = {"case_id": case["case_id"], "stage": stage, **dice_per_class(pred, gt, self.labels)}
+            self.metrics_rows.append(row)
+        if "label" in d:  # C2 recall / FPR against r on the working grid, where C2 is defined
+            gt_w = d["label"][0].cpu().numpy().astype(np.int64)
+            body = d["c1"][0].cpu().numpy().astype(bool)
+            for row in candidate_recall_fpr(lab1[0, 0].cpu().numpy(), gt_w, body, self.labels, self.radii):
+                self.c2_rows.append({"case_id": case["case_id"], **row})
+
+    def _preview(self, d, lab, path: Path, case_id: str) -> None:
+        from custom.preview import save_preview
+
+        hu = d["image"][0].cpu().numpy() * 500.0  # the default window maps -500..500 HU to -1..1
+        save_preview(
+            hu,
+            lab[0, 0].cpu().numpy(),
+            np.asarray(d["image"].affine),
+            path,
+            label_names={v: k for k, v in self.labels.items()},
+            title=case_id,
+        )
+
+    # -- all cases -----------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self._check_existing()
+        cases = self.data
+        if self.progress:
+            from tqdm import tqdm
+
+            cases = tqdm(cases, desc="cascade", unit="case")
+        results = []
+        for case in cases:
+            try:
+                results.append(self.run_case(case))
+            except Exception as e:  # one bad case must not stop the batch
+                logger.error("case %s (%s) failed: %s", case.get("case_id"), case.get("image"), e)
+                logger.debug(traceback.format_exc())
+                self.failures.append({"case_id": case.get("case_id"), "image": str(case.get("image")), "error": str(e)})
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.metrics_rows:
+            _write_csv(self.output_dir / "metrics.csv", self.metrics_rows)
+        if self.c2_rows:
+            _write_csv(self.output_dir / "c2_recall_fpr.csv", self.c2_rows)
+        summary = {
+            "cases": len(self.data),
+            "succeeded": len(results),
+            "failed": self.failures,
+            "seconds": {r["case_id"]: r["seconds"] for r in results},
+        }
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.summary = summary
+        return summary
+
+    def exit_if_failed(self) -> None:
+        """For the config's ``finalize``: a run with failed cases exits non-zero after listing them."""
+        if self.failures:
+            lines = [f"  {f['case_id']}: {f['image']}: {f['error']}" for f in self.failures]
+            print(f"{len(self.failures)} of {len(self.data)} case(s) failed:\n" + "\n".join(lines), file=sys.stderr)
+            sys.exit(1)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
