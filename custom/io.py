@@ -1,0 +1,799 @@
+"""Reading inference inputs safely: NIfTI files, folders of them, DICOM series; checking that a volume is a CT.
+
+Users hand the bundle whatever their scanner or archive produced. Wrong input must fail early with a message that
+names the file and the problem, never give a silently wrong segmentation: a truncated download, a DICOM folder that
+mixes two series or misses slices, a 4D series whose time axis MONAI would take for channels, an MR or a normalised
+image where the network expects Hounsfield units.
+
+Main entry points:
+
+- :func:`list_inputs` turns a user path into cases (:class:`CaseInput`).
+- :func:`load_image_checked` (or the transforms :class:`CheckedLoadImage` / :class:`CheckedLoadImaged`) loads one
+  case as a MONAI ``MetaTensor``; every read error becomes an :class:`InputError` naming the file.
+- :func:`check_ct_volume` (or :class:`CheckCT` / :class:`CheckCTd`, used right after ``LoadImaged`` +
+  ``EnsureChannelFirstd``) squeezes a size-1 fourth axis, rejects 2D and 4D inputs, fills NaN/Inf and clips the
+  padding below -1024 HU.
+- :func:`load_dicom_series` stacks one DICOM series with its world geometry (checked for gaps and mixed slices).
+- :func:`write_nifti_safely` writes atomically and refuses to overwrite unless asked.
+
+Why not MONAI's ``PydicomReader`` for DICOM folders: it orders slices by InstanceNumber, only warns when slice sizes
+differ, has no gap check and reads every DICOM file of a folder as one series. Why not ``LoadImaged(reader=...)`` with
+a checking reader: when a user-named reader raises, ``LoadImage`` silently falls back to its default readers.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import logging
+import os
+import tempfile
+import warnings
+import zlib
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor, NibabelReader
+from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform, Transform
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+HU_AIR = -1024.0
+
+__all__ = [
+    "InputError",
+    "InputWarning",
+    "find_input_error",
+    "CaseInput",
+    "list_inputs",
+    "nifti_case_id",
+    "is_dicom_file",
+    "scan_dicom_series",
+    "load_dicom_series",
+    "load_image_checked",
+    "describe_read_error",
+    "check_ct_volume",
+    "CheckCT",
+    "CheckCTd",
+    "CheckCTD",
+    "CheckCTDict",
+    "CheckedLoadImage",
+    "CheckedLoadImaged",
+    "CheckedLoadImageD",
+    "CheckedLoadImageDict",
+    "write_nifti_safely",
+]
+
+
+class InputError(ValueError):
+    """A user input that cannot be used; ``str(err)`` always starts with the offending path.
+
+    >>> str(InputError("/data/ct.nii.gz", "truncated gzip"))
+    '/data/ct.nii.gz: truncated gzip'
+    """
+
+    def __init__(self, path: str | os.PathLike | None, message: str):
+        self.path = None if path is None else str(path)
+        self.message = message
+        super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+
+
+def find_input_error(exc: BaseException | None) -> InputError | None:
+    """The :class:`InputError` behind ``exc``, if any: MONAI's ``Compose`` re-raises every transform error as
+    ``RuntimeError("applying transform ...")``, so an inference script can show the user the real message.
+
+    >>> try:
+    ...     raise RuntimeError("applying transform") from InputError("ct.nii.gz", "truncated gzip")
+    ... except RuntimeError as e:
+    ...     str(find_input_error(e))
+    'ct.nii.gz: truncated gzip'
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InputError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class InputWarning(UserWarning):
+    """A suspicious but usable input (non-finite voxels, intensities that do not look like HU, ...)."""
+
+
+def _warn(path: str | os.PathLike | None, message: str) -> None:
+    warnings.warn(f"{path}: {message}" if path is not None else message, InputWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Listing inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    """One case to segment: a NIfTI file or one DICOM series in a folder.
+
+    ``case_id`` names the outputs: the file name without ``.nii``/``.nii.gz``, or the DICOM folder's name.
+    ``series_uid`` is set for DICOM so that loading reads exactly the series that was listed.
+    """
+
+    case_id: str
+    kind: Literal["nifti", "dicom"]
+    path: Path
+    series_uid: str | None = None
+
+    def load(self, **kwargs: Any) -> MetaTensor:
+        """Load this case with :func:`load_image_checked` (keyword arguments are passed on)."""
+        return load_image_checked(self.path, series_uid=self.series_uid, **kwargs)
+
+
+def nifti_case_id(path: str | os.PathLike) -> str | None:
+    """File name without its NIfTI extension, or ``None`` if the name does not end in ``.nii``/``.nii.gz``.
+
+    >>> nifti_case_id("/data/imagesTs/case_0001.nii.gz")
+    'case_0001'
+    """
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True for a file with the DICOM Part 10 magic ``DICM`` at byte 128 (any extension or none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    # hidden files (".DS_Store", macOS "._x.nii.gz" resource forks) and DICOMDIR indexes are never images
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+    )
+
+
+def list_inputs(path: str | os.PathLike, series_uid: str | None = None) -> list[CaseInput]:
+    """List the cases behind a user path, checking that it is something the bundle can read.
+
+    Accepted: a NIfTI file; a folder of NIfTI files (sorted by name); a DICOM series folder (files with the DICM magic,
+    any extension); a folder whose subfolders are DICOM series (one case each). A folder holding several DICOM series
+    is an error listing their SeriesInstanceUIDs unless ``series_uid`` chooses one.
+
+    >>> [c.case_id for c in list_inputs("scans/")]  # doctest: +SKIP
+    ['case_0001', 'case_0002']
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(p, "file not found")
+    if p.is_file():
+        case_id = nifti_case_id(p)
+        if case_id is not None:
+            return [CaseInput(case_id, "nifti", p)]
+        if is_dicom_file(p):
+            raise InputError(p, "a single DICOM file; pass the folder that holds the whole series")
+        raise InputError(p, "not a NIfTI file (.nii or .nii.gz) or a DICOM series folder")
+    files = _visible_files(p)
+    niftis = [f for f in files if nifti_case_id(f) is not None]
+    dicoms = [f for f in files if f not in niftis and is_dicom_file(f)]
+    if niftis and dicoms:
+        raise InputError(
+            p, f"folder mixes NIfTI files ({len(niftis)}) and DICOM files ({len(dicoms)}); put each series apart"
+        )
+    if niftis:
+        if series_uid is not None:
+            raise InputError(p, f"series_uid={series_uid!r} given but the folder holds NIfTI files, not DICOM")
+        cases = [CaseInput(nifti_case_id(f), "nifti", f) for f in niftis]
+        _check_unique_ids(p, cases)
+        return cases
+    if dicoms:
+        return [_dicom_case(p, dicoms, series_uid)]
+    subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    cases = []
+    for d in subdirs:
+        sub = [f for f in _visible_files(d) if is_dicom_file(f)]
+        if sub:
+            cases.append(_dicom_case(d, sub, series_uid))
+    if cases:
+        return cases
+    if not files and not subdirs:
+        raise InputError(p, "empty folder: no NIfTI files and no DICOM series")
+    seen = ", ".join(f.name for f in files[:5]) + (", ..." if len(files) > 5 else "")
+    raise InputError(
+        p, f"no NIfTI (.nii, .nii.gz) or DICOM files found (files seen: {seen or 'none'}; subfolders: {len(subdirs)})"
+    )
+
+
+def _check_unique_ids(folder: Path, cases: Sequence[CaseInput]) -> None:
+    seen: dict[str, Path] = {}
+    for c in cases:
+        if c.case_id in seen:
+            raise InputError(folder, f"two files give case id {c.case_id!r}: {seen[c.case_id].name} and {c.path.name}")
+        seen[c.case_id] = c.path
+
+
+def _dicom_case(folder: Path, files: Sequence[Path], series_uid: str | None) -> CaseInput:
+    series = scan_dicom_series(folder, files)
+    uid = _choose_series(folder, series, series_uid)
+    return CaseInput(folder.name, "dicom", folder, uid)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DICOM
+# ----------------------------------------------------------------------------------------------------------------------
+
+_NO_UID = ""  # key for files without a SeriesInstanceUID (anonymised exports often blank it)
+
+
+def scan_dicom_series(folder: str | os.PathLike, files: Sequence[Path] | None = None) -> dict[str, list[Path]]:
+    """Group the DICOM files of a folder by SeriesInstanceUID (headers only; ``""`` for files without one)."""
+    import pydicom
+
+    folder = Path(folder)
+    if files is None:
+        files = [f for f in _visible_files(folder) if is_dicom_file(f)]
+    if not files:
+        raise InputError(folder, "no DICOM files (with the DICM magic) in this folder")
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except Exception as e:  # any parse error is a bad file
+            raise InputError(f, f"unreadable DICOM file ({type(e).__name__}: {e})") from e
+        groups.setdefault(str(getattr(ds, "SeriesInstanceUID", "") or _NO_UID), []).append(f)
+    return groups
+
+
+def _describe_series(series: Mapping[str, Sequence[Path]]) -> str:
+    import pydicom
+
+    lines = []
+    for uid, files in series.items():
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        desc = getattr(ds, "SeriesDescription", "") or ""
+        lines.append(f"  {uid or '(no SeriesInstanceUID)'}: {len(files)} files, {getattr(ds, 'Modality', '?')} {desc}")
+    return "\n".join(lines)
+
+
+def _choose_series(folder: Path, series: Mapping[str, Sequence[Path]], series_uid: str | None) -> str:
+    if series_uid is not None:
+        if series_uid not in series:
+            raise InputError(
+                folder, f"no series with SeriesInstanceUID {series_uid!r}; found:\n{_describe_series(series)}"
+            )
+        return series_uid
+    if len(series) > 1:
+        raise InputError(
+            folder,
+            f"folder holds {len(series)} DICOM series; choose one with series_uid= or put each series in its own "
+            f"folder:\n{_describe_series(series)}",
+        )
+    return next(iter(series))
+
+
+def _dicom_tag(ds: Any, name: str, f: Path) -> Any:
+    value = getattr(ds, name, None)
+    if value is None or (hasattr(value, "__len__") and len(value) == 0):
+        raise InputError(f, f"DICOM tag {name} is missing: cannot place this slice in space")
+    return value
+
+
+def load_dicom_series(
+    folder: str | os.PathLike, series_uid: str | None = None, gap_tolerance: float = 1.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack one DICOM series into a float32 HU volume and its RAS affine.
+
+    The array is indexed (column, row, slice), as MONAI's ``PydicomReader`` gives it, so that ``affine`` maps
+    voxel indices to RAS world millimetres like a NIfTI affine. Slices are ordered by their position along the slice
+    normal (not by InstanceNumber). Each slice's RescaleSlope/RescaleIntercept is applied.
+
+    Errors (:class:`InputError` naming the folder or file): several series without ``series_uid``; slices of different
+    size, pixel spacing or orientation; two slices at one position; a gap between neighbouring slices larger than
+    ``gap_tolerance`` times the median spacing (missing slices); pixel data that cannot be decoded.
+
+    >>> vol, affine = load_dicom_series("patient1/CT_series")  # doctest: +SKIP
+    >>> vol.shape, affine[:3, :3].diagonal()  # doctest: +SKIP
+    ((512, 512, 20), array([-0.977, -0.977,  2.]))
+    """
+    vol, affine, _ = _read_dicom_series(Path(folder), series_uid, gap_tolerance)
+    return vol, affine
+
+
+def _read_dicom_series(
+    folder: Path, series_uid: str | None, gap_tolerance: float
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    import pydicom
+
+    if not folder.exists():
+        raise InputError(folder, "file not found")
+    if not folder.is_dir():
+        raise InputError(folder, "not a folder: a DICOM series is read from the folder that holds its files")
+    series = scan_dicom_series(folder)
+    uid = _choose_series(folder, series, series_uid)
+    files = series[uid]
+    if len(files) < 2:
+        raise InputError(folder, f"the DICOM series has {len(files)} file: a volume needs several slices")
+
+    headers = []
+    for f in files:
+        try:
+            headers.append(pydicom.dcmread(f))
+        except Exception as e:
+            raise InputError(f, f"unreadable DICOM file ({type(e).__name__}: {e})") from e
+
+    ref, ref_file = headers[0], files[0]
+    frames = int(getattr(ref, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise InputError(ref_file, f"multi-frame DICOM ({frames} frames) is not supported; convert it to NIfTI first")
+    iop = np.asarray(_dicom_tag(ref, "ImageOrientationPatient", ref_file), dtype=float)
+    spacing = np.asarray(_dicom_tag(ref, "PixelSpacing", ref_file), dtype=float)
+    size = (int(_dicom_tag(ref, "Rows", ref_file)), int(_dicom_tag(ref, "Columns", ref_file)))
+    positions = []
+    for ds, f in zip(headers, files, strict=True):
+        if not np.allclose(np.asarray(_dicom_tag(ds, "ImageOrientationPatient", f), dtype=float), iop, atol=1e-4):
+            raise InputError(
+                folder,
+                f"inconsistent orientation across files: {f.name} has {list(ds.ImageOrientationPatient)}, "
+                f"{ref_file.name} has {iop.tolist()}",
+            )
+        if (int(ds.Rows), int(ds.Columns)) != size:
+            raise InputError(
+                folder,
+                f"inconsistent slice size across files: {f.name} is {int(ds.Rows)}x{int(ds.Columns)}, "
+                f"{ref_file.name} is {size[0]}x{size[1]}",
+            )
+        if not np.allclose(np.asarray(_dicom_tag(ds, "PixelSpacing", f), dtype=float), spacing, atol=1e-4):
+            raise InputError(
+                folder,
+                f"inconsistent pixel spacing across files: {f.name} has {list(ds.PixelSpacing)}, "
+                f"{ref_file.name} has {spacing.tolist()}",
+            )
+        positions.append(np.asarray(_dicom_tag(ds, "ImagePositionPatient", f), dtype=float))
+
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    along = np.array([p @ normal for p in positions])
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    steps = np.diff(along)
+    names = [files[i].name for i in order]
+    dup = np.flatnonzero(steps < 1e-3)
+    if dup.size:
+        i = int(dup[0])
+        raise InputError(
+            folder,
+            f"two slices at the same position {along[i]:.2f} mm ({names[i]} and {names[i + 1]}): "
+            "duplicated files or several series without SeriesInstanceUID",
+        )
+    median = float(np.median(steps))
+    gaps = np.flatnonzero(steps > gap_tolerance * median)
+    if gaps.size:
+        details = "; ".join(
+            f"{steps[i]:.2f} mm between {names[i]} ({along[i]:.2f} mm) and {names[i + 1]} ({along[i + 1]:.2f} mm), "
+            f"~{round(steps[i] / median) - 1} slice(s) missing"
+            for i in gaps[:5]
+        )
+        raise InputError(
+            folder, f"missing slices: gap larger than {gap_tolerance}x the median spacing {median:.2f} mm: {details}"
+        )
+    if np.max(np.abs(steps - median)) > 0.1 * median:
+        _warn(
+            folder,
+            f"uneven slice spacing ({steps.min():.2f}-{steps.max():.2f} mm, median {median:.2f}): "
+            "the volume uses the mean spacing",
+        )
+
+    first, last = positions[order[0]], positions[order[-1]]
+    step_vec = (last - first) / (len(files) - 1)
+    shear = np.linalg.norm(step_vec - (step_vec @ normal) * normal)
+    if shear > 0.01 * abs(step_vec @ normal):
+        _warn(
+            folder, f"slices are sheared ({shear:.2f} mm in-plane shift per slice: gantry tilt?); the affine keeps it"
+        )
+
+    volume = np.empty((size[1], size[0], len(files)), dtype=np.float32)
+    for k, i in enumerate(order):
+        ds, f = headers[i], files[i]
+        try:
+            pixels = ds.pixel_array
+        except Exception as e:
+            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            ts_name = getattr(ts, "name", ts)
+            raise InputError(
+                f,
+                f"cannot decode the pixel data (transfer syntax {ts_name}): {type(e).__name__}: {e}. "
+                "Compressed DICOM needs a decoder plugin (pylibjpeg, pillow with openjpeg, or gdcm)",
+            ) from e
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        volume[:, :, k] = (pixels.astype(np.float32) * slope + intercept).T
+
+    # DICOM: pixel (row r, column c) of a slice sits at position + c * dc * row_dir + r * dr * col_dir (LPS)
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * spacing[1]
+    affine[:3, 1] = col_dir * spacing[0]
+    affine[:3, 2] = step_vec
+    affine[:3, 3] = first
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS
+    modality = str(getattr(ref, "Modality", "") or "")
+    if modality and modality != "CT":
+        _warn(folder, f"the DICOM series is modality {modality}, not CT")
+    info = {"series_uid": uid, "modality": modality, "files": [str(files[i]) for i in order]}
+    return volume, affine, info
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading with clear errors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def describe_read_error(exc: BaseException) -> str:
+    """Turn a nibabel/gzip/OS exception into a short statement of what is wrong with the file."""
+    msg = str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, EOFError):
+        return "truncated gzip: the compressed data end before the image does (interrupted download or copy?)"
+    if isinstance(exc, (gzip.BadGzipFile, zlib.error)):
+        return f"corrupt gzip data ({msg})"
+    if isinstance(exc, nib.filebasedimages.ImageFileError):
+        if "not a gzip file" in msg:
+            return "not a gzip file although the name ends in .gz"
+        if "Empty file" in msg:
+            return "empty file (0 bytes)"
+        return "not a NIfTI file (no valid NIfTI header)"
+    if isinstance(exc, OSError) and "Expected" in msg and "bytes" in msg:
+        return f"truncated NIfTI: the file is shorter than its header says ({msg.splitlines()[0]})"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return f"unreadable ({type(exc).__name__}: {msg})"
+
+
+@functools.lru_cache(maxsize=8)
+def _nifti_loader(ensure_channel_first: bool, dtype: Any) -> LoadImage:
+    # LoadImage registers every default reader on construction (one warns about nvImageCodec): build it once, quietly.
+    # The reader is passed per call, so that a failure is raised here instead of falling back to another reader.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LoadImage(image_only=True, dtype=dtype, ensure_channel_first=ensure_channel_first)
+
+
+def load_image_checked(
+    path: str | os.PathLike,
+    series_uid: str | None = None,
+    ensure_channel_first: bool = True,
+    dtype: Any = np.float32,
+) -> MetaTensor:
+    """Load a NIfTI file or a DICOM series folder as a MetaTensor, re-raising any read error as :class:`InputError`.
+
+    NIfTI goes through MONAI's ``NibabelReader``, so the metadata (affine, ``original_affine``, ``spatial_shape``,
+    ``filename_or_obj``) is what ``LoadImaged`` gives and ``Invertd``/``SaveImaged`` work unchanged. The voxel data are
+    read here, so a truncated file fails now, naming the file, and not in a worker process later. A NIfTI whose
+    qform and sform codes are both 0 (no orientation stored) loads with a warning.
+
+    >>> img = load_image_checked("ct.nii.gz")  # doctest: +SKIP
+    >>> img.shape  # channel first  # doctest: +SKIP
+    torch.Size([1, 512, 512, 200])
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(p, "file not found")
+    if p.is_dir():
+        vol, affine, info = _read_dicom_series(p, series_uid, gap_tolerance=1.5)
+        meta = {
+            "filename_or_obj": str(p),
+            "affine": torch.as_tensor(affine, dtype=torch.float64),
+            "original_affine": affine.copy(),
+            "spatial_shape": np.asarray(vol.shape),
+            "space": "RAS",
+            "original_channel_dim": float("nan"),
+            "series_uid": info["series_uid"],
+            "modality": info["modality"],
+        }
+        img = MetaTensor(torch.from_numpy(vol.astype(dtype, copy=False)), meta=meta)
+        return EnsureChannelFirst()(img) if ensure_channel_first else img
+    if nifti_case_id(p) is None:
+        raise InputError(p, "not a NIfTI file (.nii or .nii.gz) or a DICOM series folder")
+    try:
+        img = _nifti_loader(ensure_channel_first, dtype)(p, NibabelReader())
+    except Exception as e:  # every failure becomes one clear message
+        raise InputError(p, describe_read_error(e)) from e
+    if int(img.meta.get("qform_code", 1)) == 0 and int(img.meta.get("sform_code", 1)) == 0:
+        _warn(p, "NIfTI header has no orientation (qform_code = sform_code = 0): left/right may be wrong")
+    return img
+
+
+class CheckedLoadImage(Transform):
+    """Array form of :func:`load_image_checked` (path in, channel-first MetaTensor out)."""
+
+    def __init__(self, ensure_channel_first: bool = True, series_uid: str | None = None, dtype: Any = np.float32):
+        self.ensure_channel_first = ensure_channel_first
+        self.series_uid = series_uid
+        self.dtype = dtype
+
+    def __call__(self, path: str | os.PathLike) -> MetaTensor:
+        return load_image_checked(path, self.series_uid, self.ensure_channel_first, self.dtype)
+
+
+class CheckedLoadImaged(MapTransform):
+    """Drop-in for ``LoadImaged`` + ``EnsureChannelFirstd`` that reads NIfTI and DICOM folders with clear errors.
+
+    Config use::
+
+        {"_target_": "custom.io.CheckedLoadImaged", "keys": ["image", "label"]}
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        ensure_channel_first: bool = True,
+        series_uid: str | None = None,
+        dtype: Any = np.float32,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.loader = CheckedLoadImage(ensure_channel_first, series_uid, dtype)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key])
+        return d
+
+
+CheckedLoadImageD = CheckedLoadImageDict = CheckedLoadImaged
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checking a loaded volume
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _source(img: Any, path: str | os.PathLike | None) -> str | None:
+    if path is not None:
+        return str(path)
+    meta = getattr(img, "meta", None)
+    if isinstance(meta, Mapping) and meta.get("filename_or_obj"):
+        return str(meta["filename_or_obj"])
+    return None
+
+
+def check_ct_volume(
+    img: MetaTensor | torch.Tensor | np.ndarray,
+    path: str | os.PathLike | None = None,
+    *,
+    min_slices: int = 8,
+    nonfinite: Literal["fill", "error"] = "fill",
+    strict: bool = False,
+    check_hu: bool = True,
+    clip_min: float | None = HU_AIR,
+) -> MetaTensor | torch.Tensor | np.ndarray:
+    """Check a channel-first CT volume ``(1, X, Y, Z)`` and return it cleaned, of the same type (metadata kept).
+
+    - ``(C, X, Y, Z, 1)`` (a NIfTI with a size-1 fourth axis after ``EnsureChannelFirst``) is squeezed to
+      ``(C, X, Y, Z)``; then ``C`` must be 1: a series of several volumes (time points, phases) is an error, because
+      a CT network must never take time points for channels.
+    - 2D images, and any spatial axis shorter than ``min_slices``, are errors before any computation.
+    - NaN/Inf voxels: with ``nonfinite="fill"`` replaced by the smallest finite value (with a warning giving the
+      count), with ``"error"`` an error. A volume without any finite voxel is always an error.
+    - Intensities that do not look like HU (no air: minimum above -200, e.g. an MR, a normalised image, or raw stored
+      values without the rescale intercept): a warning, an error with ``strict=True``.
+    - Values below ``clip_min`` (-1024: padding outside the reconstruction circle is often -2048 or -3024) are clipped.
+
+    ``path`` names the file in messages; by default ``img.meta["filename_or_obj"]``.
+
+    >>> import numpy as np
+    >>> vol = np.full((1, 16, 16, 16), -1000.0, dtype=np.float32)
+    >>> vol[0, 4:12, 4:12, 4:12] = 40.0
+    >>> vol[0, 0, 0, 0] = -3024.0
+    >>> float(check_ct_volume(vol, "ct.nii.gz").min())
+    -1024.0
+    """
+    src = _source(img, path)
+    is_torch = isinstance(img, torch.Tensor)
+    shape = tuple(img.shape)
+    if len(shape) > 4:
+        extra = shape[4:]
+        if any(s != 1 for s in extra):
+            raise InputError(
+                src,
+                f"image of shape {shape} has extra axes {extra} beyond (C, X, Y, Z): a time series or vector image; "
+                "select one 3D volume first",
+            )
+        img = img.reshape(shape[:4]) if not is_torch else img[(Ellipsis,) + (0,) * len(extra)]
+        shape = tuple(img.shape)
+        meta = getattr(img, "meta", None)
+        if isinstance(meta, dict) and len(np.atleast_1d(meta.get("spatial_shape", ()))) > 3:
+            meta["spatial_shape"] = np.asarray(shape[1:])
+    if len(shape) < 4:
+        what = "a 2D image" if len(shape) <= 2 or (len(shape) == 3 and shape[0] == 1) else "no channel axis"
+        raise InputError(
+            src, f"expected a 3D volume, channel first (1, X, Y, Z); got shape {shape} ({what}; 2D images are refused)"
+        )
+    if shape[0] != 1:
+        raise InputError(
+            src,
+            f"image of shape {shape} holds {shape[0]} volumes (a 4D series: time points or phases?); the network takes "
+            "one CT volume and never treats time points as channels: select one volume first",
+        )
+    short = [(ax, n) for ax, n in zip("XYZ", shape[1:], strict=True) if n < min_slices]
+    if short:
+        desc = ", ".join(f"{ax} = {n}" for ax, n in short)
+        raise InputError(
+            src,
+            f"too few slices ({desc}; at least {min_slices} needed along every axis): a 2D image or a slab, "
+            f"shape {shape[1:]}",
+        )
+
+    floating = img.dtype.is_floating_point if is_torch else np.issubdtype(img.dtype, np.floating)
+    if floating:
+        finite = torch.isfinite(img) if is_torch else np.isfinite(img)
+        n_bad = int(np.prod(shape)) - int(finite.sum())
+        if n_bad:
+            if n_bad == int(np.prod(shape)):
+                raise InputError(src, "every voxel is NaN or infinite")
+            if nonfinite == "error":
+                raise InputError(src, f"{n_bad} voxels are NaN or infinite")
+            if nonfinite != "fill":
+                raise ValueError(f"nonfinite must be 'fill' or 'error', got {nonfinite!r}")
+            fill = float(img[finite].min())
+            _warn(src, f"{n_bad} NaN/infinite voxels replaced by {fill:g} (the smallest finite value)")
+            nan_to_num = torch.nan_to_num if is_torch else np.nan_to_num
+            img = nan_to_num(img, nan=fill, posinf=fill, neginf=fill)
+    lo, hi = float(img.min()), float(img.max())
+    if check_hu and lo > -200.0:
+        if lo >= 0.0 and hi <= 1.0:
+            why = "range within [0, 1]: a normalised image?"
+        elif lo >= 0.0 and hi < 100.0:
+            why = "small non-negative values: an MR or a normalised image?"
+        elif lo >= 0.0:
+            why = "no negative values: an MR, or raw stored values without the rescale intercept (-1024)?"
+        else:
+            why = "no air (about -1000 HU) in the volume: an MR, a windowed or a normalised image?"
+        message = f"intensities [{lo:g}, {hi:g}] do not look like CT Hounsfield units ({why})"
+        if strict:
+            raise InputError(src, message)
+        _warn(src, message)
+    if clip_min is not None and lo < clip_min:
+        img = img.clamp(min=clip_min) if is_torch else np.maximum(img, np.asarray(clip_min, dtype=img.dtype))
+    return img
+
+
+class CheckCT(Transform):
+    """Array transform for :func:`check_ct_volume` (same arguments)."""
+
+    def __init__(
+        self,
+        min_slices: int = 8,
+        nonfinite: Literal["fill", "error"] = "fill",
+        strict: bool = False,
+        check_hu: bool = True,
+        clip_min: float | None = HU_AIR,
+    ):
+        if nonfinite not in ("fill", "error"):
+            raise ValueError(f"nonfinite must be 'fill' or 'error', got {nonfinite!r}")
+        self.kwargs = dict(min_slices=min_slices, nonfinite=nonfinite, strict=strict, check_hu=check_hu)
+        self.kwargs["clip_min"] = clip_min
+
+    def __call__(self, img: Any, path: str | os.PathLike | None = None) -> Any:
+        return check_ct_volume(img, path, **self.kwargs)
+
+
+class CheckCTd(MapTransform):
+    """Dictionary wrapper of :class:`CheckCT`, placed right after ``LoadImaged`` + ``EnsureChannelFirstd``.
+
+    Config use::
+
+        {"_target_": "custom.io.CheckCTd", "keys": "image", "strict": false}
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        min_slices: int = 8,
+        nonfinite: Literal["fill", "error"] = "fill",
+        strict: bool = False,
+        check_hu: bool = True,
+        clip_min: float | None = HU_AIR,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.checker = CheckCT(min_slices, nonfinite, strict, check_hu, clip_min)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = _source(d[key], None)
+            if path is None:
+                meta = d.get(f"{key}_meta_dict")
+                path = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
+            d[key] = self.checker(d[key], path)
+        return d
+
+
+CheckCTD = CheckCTDict = CheckCTd
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_nifti_safely(
+    array: np.ndarray | torch.Tensor,
+    affine: np.ndarray | torch.Tensor,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    dtype: Any = None,
+) -> Path:
+    """Write a 3D array as NIfTI atomically: to a temporary file in the same folder, then renamed into place.
+
+    A reader never sees a half-written file, and an interrupted run leaves no truncated output behind. An existing
+    file is kept unless ``overwrite=True`` (``FileExistsError`` naming it). A leading channel axis of size 1 is
+    dropped. Both qform and sform are set (code 1, scanner) so that every viewer agrees on the orientation.
+
+    >>> write_nifti_safely(np.zeros((4, 4, 4), np.uint8), np.eye(4), "out/seg.nii.gz")  # doctest: +SKIP
+    PosixPath('out/seg.nii.gz')
+    """
+    p = Path(path).expanduser()
+    if nifti_case_id(p) is None:
+        raise ValueError(f"{p}: output name must end in .nii or .nii.gz")
+    data = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 3:
+        raise ValueError(f"{p}: expected a 3D array (or 1 x X x Y x Z), got shape {data.shape}")
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    if dtype is not None:
+        data = data.astype(dtype)
+    aff = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
+    aff = np.asarray(aff, dtype=np.float64)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+        raise ValueError(f"{p}: affine must be a finite, invertible 4x4 matrix, got\n{aff}")
+    if p.exists() and not overwrite:
+        raise FileExistsError(f"{p}: file exists; pass overwrite=True to replace it")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(data, aff)
+    img.set_sform(aff, code=1)
+    img.set_qform(aff, code=1)
+    suffix = ".nii.gz" if p.name.lower().endswith(".nii.gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=f".tmp{suffix}")
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if overwrite:
+            os.replace(tmp, p)
+        else:
+            _link_no_clobber(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+def _link_no_clobber(tmp: str, p: Path) -> None:
+    # os.link fails if the target appeared meanwhile (another process): no silent overwrite, even in a race
+    try:
+        os.link(tmp, p)
+    except FileExistsError as e:
+        raise FileExistsError(f"{p}: file exists; pass overwrite=True to replace it") from e
+    except OSError:  # file systems without hard links
+        if p.exists():
+            raise FileExistsError(f"{p}: file exists; pass overwrite=True to replace it") from None
+        os.replace(tmp, p)
