@@ -198,6 +198,11 @@ class RandElasticRigid3D:
             _spline_basis(p, s, self.spline_order) for p, s in zip(self.patch_size, self.grid_spacing, strict=True)
         ]
         self._basis = [w for w, _ in bases]
+        self._knots = [
+            (first + torch.arange(w.shape[1], dtype=torch.float32)) * sp
+            for (w, first), sp in zip(bases, self.grid_spacing, strict=True)
+        ]
+        self._base_cache: dict[tuple, torch.Tensor] = {}
         self.control_shape = tuple(int(w.shape[1]) for w in self._basis)
         self._device_cache: dict[tuple[str, int | None], list[torch.Tensor]] = {}
         self.generator = torch.Generator()
@@ -292,35 +297,56 @@ class RandElasticRigid3D:
         centre_crop(image[:1, :1], None if label is None else label[:1], self.patch_size, self.output_size)
 
     def _device_tensors(self, device: torch.device) -> list[torch.Tensor]:
+        """Knot positions (voxels from the patch centre) and spline bases per axis, cached per device."""
         key = (device.type, device.index)
         if key not in self._device_cache:
-            coords = [torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2 for p in self.patch_size]
-            self._device_cache[key] = coords + [w.to(device) for w in self._basis]
+            self._device_cache[key] = [k.to(device) for k in self._knots] + [w.to(device) for w in self._basis]
         return self._device_cache[key]
 
+    def _base_grid(self, box_size: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The identity grid (*patch_size, 3), normalised for ``box_size``; cached (one per box size and device)."""
+        key = (device.type, device.index, *box_size)
+        if key not in self._base_cache:
+            axes = [
+                (torch.arange(p, dtype=torch.float64) - (p - 1) / 2) * (2.0 / max(s - 1, 1))
+                for p, s in zip(self.patch_size, box_size, strict=True)
+            ]
+            base = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)  # (z, y, x) order
+            if len(self._base_cache) > 4:
+                self._base_cache.clear()
+            self._base_cache[key] = base.float().to(device)
+        return self._base_cache[key]
+
     def sampling_grid(self, params: AugmentParams, box_size: Sequence[int], device=None) -> torch.Tensor:
-        """Normalised ``grid_sample`` grid (B, *patch_size, 3), last axis in (z, y, x) order, align_corners=True."""
+        """Normalised ``grid_sample`` grid (B, *patch_size, 3), last axis in (z, y, x) order, align_corners=True.
+
+        The spline reproduces linear functions exactly, so ``(R - I) x + t`` is folded into the control coefficients
+        (its values at the knots) and the dense grid costs three small matrix products, one large one and one add
+        of the cached identity grid.
+        """
         device = torch.device(device) if device is not None else params.rotation.device
-        xs, ys, zs, wx, wy, wz = self._device_tensors(device)
+        box_size = tuple(int(s) for s in box_size)
+        kx, ky, kz, wx, wy, wz = self._device_tensors(device)
         box = torch.tensor([float(s) for s in box_size], device=device)
         scale = 2.0 / (box - 1).clamp(min=1)  # voxel offset -> normalised offset, per axis (x, y, z)
         perm = [2, 1, 0]  # grid_sample wants (z, y, x): the last tensor axis first
-        rot = (scale[:, None] * params.rotation.to(device=device, dtype=torch.float32))[:, perm]  # (B, 3 out, 3 in)
+        eye = torch.eye(3, device=device)
+        rot = params.rotation.to(device=device, dtype=torch.float32) - eye
+        rot = (scale[:, None] * rot)[:, perm]  # (B, 3 out in z/y/x order, 3 in x/y/z order)
         shift = (scale * params.translation.to(device=device, dtype=torch.float32))[:, perm]
         b = rot.shape[0]
-        grid = (
-            shift.view(b, 1, 1, 1, 3)
-            + xs.view(1, -1, 1, 1, 1) * rot[:, :, 0].view(b, 1, 1, 1, 3)
-            + ys.view(1, 1, -1, 1, 1) * rot[:, :, 1].view(b, 1, 1, 1, 3)
-            + zs.view(1, 1, 1, -1, 1) * rot[:, :, 2].view(b, 1, 1, 1, 3)
+        coef = (
+            shift.view(b, 3, 1, 1, 1)
+            + rot[:, :, 0].reshape(b, 3, 1, 1, 1) * kx.view(1, 1, -1, 1, 1)
+            + rot[:, :, 1].reshape(b, 3, 1, 1, 1) * ky.view(1, 1, 1, -1, 1)
+            + rot[:, :, 2].reshape(b, 3, 1, 1, 1) * kz.view(1, 1, 1, 1, -1)
         )
         if params.control is not None:
-            coef = params.control.to(device=device, dtype=torch.float32) * scale.view(1, 3, 1, 1, 1)
-            coef = coef[:, perm]
-            field = torch.einsum("bcijk,zk->bcijz", coef, wz)
-            field = torch.einsum("bcijz,yj->bciyz", field, wy)
-            grid = grid + torch.einsum("bciyz,xi->bxyzc", field, wx)
-        return grid
+            coef = coef + (params.control.to(device=device, dtype=torch.float32) * scale.view(1, 3, 1, 1, 1))[:, perm]
+        field = wy @ (coef @ wz.T)  # (B, 3, nx, Py, Pz)
+        field = field.permute(0, 2, 3, 4, 1).reshape(b, wx.shape[1], -1)  # (B, nx, Py * Pz * 3)
+        grid = (wx @ field).view(b, *self.patch_size, 3)
+        return grid.add_(self._base_grid(box_size, device))
 
     def _resample(self, image, label, params):
         grid = self.sampling_grid(params, image.shape[2:], image.device)

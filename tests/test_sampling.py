@@ -116,6 +116,11 @@ class TestRandCandidateCropd(unittest.TestCase):
         with self.assertRaises(KeyError):
             cropper().set_random_state(0)(data)
 
+    def test_drop_candidate(self):
+        out = cropper(keep_candidate=False).set_random_state(0)(make_data([(3, 4, 5)]))
+        self.assertEqual(set(out[0]), {"image", "label", "class_weights"})
+        self.assertEqual(int(out[0]["label"][(0, *CENTRE_IN_BOX)]), int(np.ravel_multi_index((3, 4, 5), SHAPE)) % 7)
+
     def test_alias_and_defaults(self):
         self.assertIs(RandCandidateCropD, RandCandidateCropd)
         t = RandCandidateCropd()
