@@ -856,3 +856,33 @@ def verify_checksums(
     if unlisted:
         _module_logger.warning(f"Weight files not listed in {listing}: {unlisted}")
     return verified
+
+
+def load_network(
+    network: torch.nn.Module,
+    path: str | os.PathLike,
+    device: Any = "cpu",
+    sha256: str | None = None,
+    strict: bool = True,
+    skip_mismatched: bool = False,
+    eval_mode: bool = True,
+) -> torch.nn.Module:
+    """Load weights into ``network`` (read on the CPU, safely) and return it on ``device``, for configs.
+
+    A missing file is an error naming it: inference never runs on random weights.
+
+    Example (config)::
+
+        {"_target_": "custom.checkpoint.load_network", "network": "@network_def", "path": "@stage1_weights",
+         "device": "@device"}
+    """
+    load_weights(
+        path,
+        map_location="cpu",
+        expected_sha256=sha256,
+        strict=strict,
+        network=network,
+        skip_mismatched=skip_mismatched,
+    )
+    network = network.to(device)
+    return network.eval() if eval_mode else network
