@@ -439,8 +439,12 @@ def _read_dicom_series(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def describe_read_error(exc: BaseException) -> str:
-    """Turn a nibabel/gzip/OS exception into a short statement of what is wrong with the file."""
+def describe_read_error(exc: BaseException, path: str | os.PathLike | None = None) -> str:
+    """Turn a nibabel/gzip/OS exception into a short statement of what is wrong with the file.
+
+    With ``path``, a file that nibabel finds no header in is looked at once more: a ``.gz`` whose compressed stream
+    stops early is reported as a truncated gzip (cut inside the header), a short ``.nii`` as a truncated header.
+    """
     msg = str(exc)
     if isinstance(exc, FileNotFoundError):
         return "file not found"
@@ -453,12 +457,34 @@ def describe_read_error(exc: BaseException) -> str:
             return "not a gzip file although the name ends in .gz"
         if "Empty file" in msg:
             return "empty file (0 bytes)"
-        return "not a NIfTI file (no valid NIfTI header)"
+        return _diagnose_headerless(path) or "not a NIfTI file (no valid NIfTI header)"
     if isinstance(exc, OSError) and "Expected" in msg and "bytes" in msg:
         return f"truncated NIfTI: the file is shorter than its header says ({msg.splitlines()[0]})"
     if isinstance(exc, PermissionError):
         return "permission denied"
     return f"unreadable ({type(exc).__name__}: {msg})"
+
+
+def _diagnose_headerless(path: str | os.PathLike | None) -> str | None:
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        if str(path).lower().endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                head = f.read(540)
+                f.read()  # to the end: a stream cut anywhere raises EOFError
+        else:
+            with open(path, "rb") as f:
+                head = f.read(540)
+    except EOFError:
+        return "truncated gzip: the compressed data end before the image does (interrupted download or copy?)"
+    except (OSError, zlib.error) as e:
+        return f"corrupt gzip data ({e})"
+    # a NIfTI file starts with sizeof_hdr = 348 (NIfTI-1) or 540 (NIfTI-2), little- or big-endian
+    for size in (348, 540):
+        if head[:4] in (size.to_bytes(4, "little"), size.to_bytes(4, "big")) and len(head) < size:
+            return f"truncated NIfTI header: {len(head)} bytes, the header alone is {size}"
+    return None
 
 
 @functools.lru_cache(maxsize=8)
@@ -509,7 +535,7 @@ def load_image_checked(
     try:
         img = _nifti_loader(ensure_channel_first, dtype)(p, NibabelReader())
     except Exception as e:  # every failure becomes one clear message
-        raise InputError(p, describe_read_error(e)) from e
+        raise InputError(p, describe_read_error(e, p)) from e
     if int(img.meta.get("qform_code", 1)) == 0 and int(img.meta.get("sform_code", 1)) == 0:
         _warn(p, "NIfTI header has no orientation (qform_code = sform_code = 0): left/right may be wrong")
     return img

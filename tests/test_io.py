@@ -68,6 +68,17 @@ def truncated_gzip(path: Path) -> Path:
     return path
 
 
+def truncated_gzip_header(path: Path) -> Path:
+    good = save_nifti(path.with_name("good_" + path.name), ct_array((20, 20, 20)))
+    path.write_bytes(good.read_bytes()[:60])
+    return path
+
+
+def truncated_nii_header(path: Path) -> Path:
+    path.write_bytes(save_nifti(path.with_name("good.nii"), ct_array()).read_bytes()[:200])
+    return path
+
+
 def plain_nifti_named_gz(path: Path) -> Path:
     good = save_nifti(path.with_name("plain.nii"), ct_array())
     path.write_bytes(good.read_bytes())
@@ -272,6 +283,8 @@ def test_nifti_case_id():
 
 LOAD_ERRORS = [
     ("truncated_gzip", "ct.nii.gz", truncated_gzip, "truncated gzip"),
+    ("truncated_gzip_in_header", "ct.nii.gz", truncated_gzip_header, "truncated gzip"),
+    ("truncated_nii_header", "ct.nii", truncated_nii_header, "truncated NIfTI header: 200 bytes"),
     ("not_gzip", "ct.nii.gz", plain_nifti_named_gz, "not a gzip file"),
     ("text_gz", "ct.nii.gz", text_file, "not a NIfTI file"),
     ("text_nii", "ct.nii", text_file, "not a NIfTI file"),

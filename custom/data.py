@@ -1,0 +1,628 @@
+"""Training datasets: reading an MSD ``dataset.json``, verifying images and labels, splitting into folds.
+
+Users train on BTCV, AMOS, TCIA Pancreas-CT or their own data laid out as in the Medical Segmentation Decathlon
+(``dataset.json`` + ``imagesTr/`` + ``labelsTr/``). A wrong label value, a label resampled with linear interpolation,
+or an image paired with another case's label trains a worse network without any error. :func:`verify_dataset` (after
+nnU-Net's ``verify_dataset_integrity``) finds these before training and reports ALL problems at once, each naming the
+file. Images and labels are paired by case id, never by sorted order, so one missing file cannot shift every pair.
+
+Command line::
+
+    python -m custom.data verify --dataset_json /data/Task07/dataset.json --labels paper
+    python -m custom.data folds --dataset_json /data/Task07/dataset.json --n_folds 5 --output folds.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from custom.io import describe_read_error, nifti_case_id
+from custom.labels import LABEL_SETS, REAL_CT_LABELS, resolve_labels
+
+__all__ = [
+    "DatasetError",
+    "VerifyReport",
+    "case_id_from_path",
+    "load_datalist",
+    "verify_dataset",
+    "split_folds",
+    "train_val_split",
+]
+
+#: MSD / nnU-Net folders scanned by ``load_datalist(..., from_folders=True)``: key -> (images, labels or None).
+FOLDERS = {"training": ("imagesTr", "labelsTr"), "test": ("imagesTs", None)}
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+class DatasetError(ValueError):
+    """One or more problems with a training dataset; ``problems`` lists each one, naming its file."""
+
+    def __init__(self, problems: Sequence[str], report: VerifyReport | None = None):
+        self.problems = list(problems)
+        self.report = report
+        head = f"{len(self.problems)} dataset problem(s):" if len(self.problems) > 1 else "dataset problem:"
+        super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_dataset` found. ``errors`` stop training; ``warnings`` deserve a look."""
+
+    n_cases: int
+    n_checked: int
+    labels: dict[str, int]
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    #: number of checked cases whose label file contains each label name
+    cases_with_label: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        lines = [f"checked {self.n_checked} of {self.n_cases} cases: {len(self.errors)} error(s), "
+                 f"{len(self.warnings)} warning(s)"]  # fmt: skip
+        if self.cases_with_label:
+            counts = ", ".join(f"{name} {n}" for name, n in self.cases_with_label.items())
+            lines.append(f"cases containing each label: {counts}")
+        lines += [f"ERROR {e}" for e in self.errors] + [f"WARNING {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Datalists
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def case_id_from_path(path: str | os.PathLike, strip_channel: bool = True) -> str:
+    """Case id of an image or label path: the file name without ``.nii``/``.nii.gz`` and, for images, without an
+    nnU-Net channel suffix ``_0000``.
+
+    >>> case_id_from_path("imagesTr/pancreas_001_0000.nii.gz")
+    'pancreas_001'
+    >>> case_id_from_path("labelsTr/pancreas_001.nii.gz")
+    'pancreas_001'
+    """
+    stem = nifti_case_id(path) or Path(path).name
+    m = _CHANNEL.match(stem)
+    return m["case"] if strip_channel and m and m["channel"] == "0000" else stem
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetError([f"{path}: file not found"])
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError([f"{path}: not valid JSON ({e})"]) from e
+    if not isinstance(data, dict):
+        raise DatasetError([f"{path}: expected a JSON object (MSD dataset.json), got {type(data).__name__}"])
+    return data
+
+
+def _resolve(root: Path, value: Any, where: str) -> str:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise DatasetError([f"{where}: {len(value)} image files for one case; the network takes one CT channel"])
+        value = value[0]
+    if not isinstance(value, (str, os.PathLike)):
+        raise DatasetError([f"{where}: expected a file path, got {value!r}"])
+    p = Path(value).expanduser()
+    return os.path.normpath(p if p.is_absolute() else root / p)
+
+
+def load_datalist(
+    dataset_json: str | os.PathLike,
+    key: str = "training",
+    base_dir: str | os.PathLike | None = None,
+    from_folders: bool = False,
+) -> list[dict]:
+    """Read one list of an MSD ``dataset.json`` as MONAI dicts ``{"image", "label", "case_id"}`` with absolute paths.
+
+    ``training`` entries are ``{"image": ..., "label": ...}``; ``test`` entries are paths or ``{"image": ...}``.
+    Relative paths are resolved against the folder of ``dataset_json`` (or ``base_dir``). With ``from_folders=True``
+    the lists are built by scanning ``imagesTr``/``labelsTr`` (``imagesTs`` for ``test``) instead, pairing by case id
+    (nnU-Net ``_0000`` channel suffixes allowed on images); ``dataset_json`` may then be the dataset folder itself.
+    Errors (:class:`DatasetError`, naming the file): no such list, an empty list, duplicate case ids, unmatched image
+    or label ids (all listed), multi-channel images.
+
+    >>> cases = load_datalist("/data/Task07_Pancreas/dataset.json")  # doctest: +SKIP
+    >>> cases[0]  # doctest: +SKIP
+    {'image': '/data/Task07_Pancreas/imagesTr/pancreas_290.nii.gz', 'label': '/data/.../labelsTr/pancreas_290.nii.gz',
+     'case_id': 'pancreas_290'}
+    """
+    src = Path(dataset_json).expanduser()
+    if from_folders:
+        root = Path(base_dir) if base_dir is not None else (src if src.is_dir() else src.parent)
+        items = _scan_folders(root, key)
+    else:
+        if src.is_dir():
+            src = src / "dataset.json"
+        data = _read_json(src)
+        root = Path(base_dir).expanduser() if base_dir is not None else src.parent
+        if key not in data:
+            raise DatasetError([f"{src}: no {key!r} list; keys present: {sorted(data)}"])
+        entries = data[key]
+        if not isinstance(entries, list):
+            raise DatasetError([f"{src}: {key!r} must be a list, got {type(entries).__name__}"])
+        items = []
+        for i, entry in enumerate(entries):
+            where = f"{src}: {key}[{i}]"
+            if isinstance(entry, (str, os.PathLike)):
+                entry = {"image": entry}
+            if not isinstance(entry, Mapping) or "image" not in entry:
+                raise DatasetError([f"{where}: expected a path or a dict with 'image', got {entry!r}"])
+            item = dict(entry)
+            item["image"] = _resolve(root, entry["image"], where)
+            if "label" in entry:
+                item["label"] = _resolve(root, entry["label"], where)
+            elif key == "training":
+                raise DatasetError([f"{where}: training entry without 'label'"])
+            item.setdefault("case_id", case_id_from_path(item["image"]))
+            items.append(item)
+    if not items:
+        raise DatasetError([f"{src}: the {key!r} list is empty"])
+    ids: dict[str, int] = {}
+    for item in items:
+        ids[item["case_id"]] = ids.get(item["case_id"], 0) + 1
+    dups = sorted(k for k, n in ids.items() if n > 1)
+    if dups:
+        raise DatasetError([f"{src}: duplicate case ids in {key!r}: {dups[:20]}"])
+    return items
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    # skip hidden files: MSD archives ship macOS "._pancreas_001.nii.gz" resource forks that are not images
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and nifti_case_id(p))
+
+
+def _group_channels(files: Sequence[Path], strip: bool) -> dict[str, dict[int, Path]]:
+    groups: dict[str, dict[int, Path]] = {}
+    for f in files:
+        stem = nifti_case_id(f)
+        m = _CHANNEL.match(stem) if strip else None
+        case, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
+        groups.setdefault(case, {})[channel] = f
+    return groups
+
+
+def _scan_folders(root: Path, key: str) -> list[dict]:
+    if key not in FOLDERS:
+        raise DatasetError([f"{root}: from_folders supports keys {sorted(FOLDERS)}, not {key!r}"])
+    img_name, lab_name = FOLDERS[key]
+    img_dir = root / img_name
+    if not img_dir.is_dir():
+        raise DatasetError([f"{img_dir}: folder not found"])
+    images = _nifti_files(img_dir)
+    # "amos_0001.nii.gz" is a case id, "case_001_0000.nii.gz" a channel suffix: strip only when every case then has
+    # channels 0000, 0001, ... (or, with labels, when that pairs more images with labels)
+    plain, stripped = _group_channels(images, False), _group_channels(images, True)
+    strip_ok = all(_CHANNEL.match(nifti_case_id(f)) for f in images) and all(
+        sorted(ch) == list(range(len(ch))) for ch in stripped.values()
+    )
+    labels: dict[str, Path] = {}
+    if lab_name is not None:
+        lab_dir = root / lab_name
+        if not lab_dir.is_dir():
+            raise DatasetError([f"{lab_dir}: folder not found"])
+        labels = {nifti_case_id(f): f for f in _nifti_files(lab_dir)}
+        if len(set(stripped) & set(labels)) != len(set(plain) & set(labels)):
+            strip_ok = len(set(stripped) & set(labels)) > len(set(plain) & set(labels))
+    groups = stripped if strip_ok else plain
+    problems = [
+        f"{img_dir}: case {case!r} has {len(ch)} channel files {[p.name for p in ch.values()]}; "
+        "the network takes one CT channel"
+        for case, ch in groups.items()
+        if len(ch) > 1
+    ]
+    if lab_name is not None:
+        no_label = sorted(set(groups) - set(labels))
+        no_image = sorted(set(labels) - set(groups))
+        if no_label:
+            problems.append(f"{root / lab_name}: no label for image case ids {no_label[:20]}")
+        if no_image:
+            problems.append(f"{img_dir}: no image for label case ids {no_image[:20]}")
+    if problems:
+        raise DatasetError(problems)
+    items = []
+    for case in sorted(groups):
+        item = {"image": str(groups[case][0])}
+        if lab_name is not None:
+            item["label"] = str(labels[case])
+        item["case_id"] = case
+        items.append(item)
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Verification
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _labels_from_json(data: Mapping) -> dict[str, int] | None:
+    raw = data.get("labels")
+    if not isinstance(raw, Mapping) or not raw:
+        return None
+    try:
+        if all(str(k).lstrip("-").isdigit() for k in raw):  # MSD: {"0": "background", "1": "pancreas"}
+            pairs = {str(v): int(k) for k, v in raw.items()}
+        else:  # nnU-Net v2: {"background": 0, "pancreas": 1}
+            pairs = {str(k): int(v) for k, v in raw.items() if not isinstance(v, (list, tuple))}
+    except (TypeError, ValueError):
+        return None
+    pairs.pop("background", None)
+    return pairs
+
+
+def _as_labels(labels: str | Mapping[str, int] | Sequence[str] | None, data: Mapping | None) -> dict[str, int]:
+    if labels is None:
+        found = _labels_from_json(data or {})
+        if not found:
+            raise ValueError("no label set given and none found in dataset.json ('labels')")
+        return found
+    if isinstance(labels, str):
+        if labels in ("real", "real_ct"):
+            return dict(REAL_CT_LABELS)
+        if labels in LABEL_SETS:
+            return resolve_labels(labels)
+        raise ValueError(f"unknown label set {labels!r}; known: {sorted(LABEL_SETS) + ['real']}")
+    if isinstance(labels, Mapping):
+        return {str(k): int(v) for k, v in labels.items()}
+    return resolve_labels(labels)
+
+
+def _header(path: Path, what: str, errors: list[str]) -> Any:
+    if not path.is_file():
+        errors.append(f"{path}: {what} file not found")
+        return None
+    try:
+        return nib.load(path)
+    except Exception as e:  # every read failure is reported, not raised: all problems at once
+        errors.append(f"{path}: unreadable {what} ({describe_read_error(e, path)})")
+        return None
+
+
+def _spatial(img: Any, path: Path, what: str, errors: list[str]) -> tuple[int, ...] | None:
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 3:
+        errors.append(f"{path}: {what} is {len(shape)}D {shape}, expected a 3D volume")
+        return None
+    if len(shape) > 3 and any(s != 1 for s in shape[3:]):
+        errors.append(f"{path}: {what} is a {len(shape)}D series {shape}, expected one 3D volume")
+        return None
+    return shape[:3]
+
+
+def _label_values(arr: np.ndarray, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray | None]:
+    """Distinct values of a label array and its non-integer values (``None`` if all are integers).
+
+    Works slab by slab (``chunk`` voxels) with ``bincount``: a 512 x 512 x 500 label costs ~0.2 GB, not ~1 GB.
+    """
+    flat = arr.reshape(-1)
+    floating = np.issubdtype(arr.dtype, np.floating)
+    narrow = np.issubdtype(arr.dtype, np.unsignedinteger) and arr.dtype.itemsize <= 2  # always in [0, 65536)
+    counts = np.zeros(0, dtype=np.int64)
+    others: set[float] = set()
+    bad: set[float] = set()
+    for start in range(0, flat.size, chunk):
+        part = flat[start : start + chunk]
+        if floating:
+            off = ~np.isfinite(part) | (part != np.round(part))
+            if off.any():
+                bad.update(np.unique(part[off])[:10].tolist())
+                part = part[~off]
+            part = part.astype(np.int64)
+        small = True if narrow else (part >= 0) & (part < 1 << 16)
+        if not np.all(small):
+            others.update(np.unique(part[~small]).tolist())
+            part = part[small]
+        if part.size:
+            c = np.bincount(part.astype(np.intp, copy=False))
+            if c.size > counts.size:
+                c[: counts.size] += counts
+                counts = c
+            else:
+                counts[: c.size] += c
+    values = np.union1d(np.flatnonzero(counts), np.asarray(sorted(others), dtype=np.int64))
+    return values, (np.asarray(sorted(bad, key=lambda v: (np.isnan(v), v))[:10]) if bad else None)
+
+
+def _check_case(item: Mapping, allowed: set[int], num_classes: int | None, check_geometry: bool, images: bool):
+    errors: list[str] = []
+    warns: list[str] = []
+    present: set[int] = set()
+    img_path, lab_path = Path(item["image"]), Path(item["label"]) if "label" in item else None
+    img = _header(img_path, "image", errors)
+    lab = _header(lab_path, "label", errors) if lab_path is not None else None
+    img_shape = _spatial(img, img_path, "image", errors) if img is not None else None
+    lab_shape = _spatial(lab, lab_path, "label", errors) if lab is not None else None
+    if lab_path is not None and img_path.name != lab_path.name:
+        img_digits = re.findall(r"\d+", case_id_from_path(img_path))
+        lab_digits = re.findall(r"\d+", case_id_from_path(lab_path, strip_channel=False))
+        if img_digits != lab_digits:
+            warns.append(f"{lab_path}: label paired with image {img_path.name}: case numbers differ")
+    if img_shape and lab_shape:
+        if img_shape != lab_shape:
+            errors.append(f"{lab_path}: label shape {lab_shape} differs from image shape {img_shape} ({img_path})")
+        elif check_geometry:
+            zi, zl = np.asarray(img.header.get_zooms()[:3]), np.asarray(lab.header.get_zooms()[:3])
+            if not np.allclose(zi, zl, rtol=1e-3, atol=1e-4):
+                errors.append(
+                    f"{lab_path}: label spacing {np.round(zl.astype(float), 4).tolist()} differs from image spacing "
+                    f"{np.round(zi.astype(float), 4).tolist()} ({img_path})"
+                )
+            ai, al = img.affine, lab.affine
+            if np.abs(ai[:3, 3] - al[:3, 3]).max() > 1e-2:
+                warns.append(
+                    f"{lab_path}: label origin {np.round(al[:3, 3], 3).tolist()} differs from image origin "
+                    f"{np.round(ai[:3, 3], 3).tolist()}"
+                )
+            di, dl = ai[:3, :3] / np.maximum(zi, 1e-12), al[:3, :3] / np.maximum(zl, 1e-12)
+            if np.abs(di - dl).max() > 1e-3:
+                warns.append(f"{lab_path}: label axis directions differ from the image's ({img_path})")
+    if lab_shape:
+        try:
+            arr = np.asanyarray(lab.dataobj)
+        except Exception as e:
+            errors.append(f"{lab_path}: unreadable label ({describe_read_error(e, lab_path)})")
+        else:
+            values, non_integer = _label_values(arr)
+            if non_integer is not None:
+                errors.append(
+                    f"{lab_path}: float label with non-integer values {non_integer.tolist()} "
+                    "(resampled with linear interpolation?)"
+                )
+            else:
+                present = {int(v) for v in values}
+                outside = sorted(present - allowed)
+                if outside:
+                    errors.append(f"{lab_path}: label values {outside[:20]} are not in the label set {sorted(allowed)}")
+                if num_classes is not None and present and max(present) >= num_classes:
+                    errors.append(
+                        f"{lab_path}: label value {max(present)} needs more classes than the network has "
+                        f"(num_classes={num_classes})"
+                    )
+                if present <= {0}:
+                    warns.append(f"{lab_path}: label has no foreground voxel")
+    if images and img_shape:
+        try:
+            data = np.asanyarray(img.dataobj)
+        except Exception as e:
+            errors.append(f"{img_path}: unreadable image ({describe_read_error(e, img_path)})")
+        else:
+            finite = np.isfinite(data)
+            if not finite.all():
+                warns.append(f"{img_path}: {int((~finite).sum())} NaN/infinite voxels")
+            if finite.any() and float(data[finite].min()) > -200:
+                warns.append(
+                    f"{img_path}: intensities [{float(data[finite].min()):g}, {float(data[finite].max()):g}] "
+                    "do not look like CT Hounsfield units"
+                )
+    return errors, warns, present
+
+
+def verify_dataset(
+    dataset: str | os.PathLike | Sequence[Mapping],
+    labels: str | Mapping[str, int] | Sequence[str] | None = None,
+    num_classes: int | None = None,
+    check_geometry: bool = True,
+    max_cases: int | None = None,
+    key: str = "training",
+    check_images: bool = False,
+    num_workers: int = 2,
+    raise_on_error: bool = True,
+) -> VerifyReport:
+    """Check a training dataset before training and report every problem at once.
+
+    ``dataset`` is a ``dataset.json`` path or a datalist (from :func:`load_datalist`). ``labels`` is the label set the
+    network is trained with (``{"liver": 3, ...}``, a set name ``"paper"``/``"extended"``/``"real"``, or ``None`` for
+    the ``labels`` of dataset.json). Errors: missing or unreadable files, image/label shape or spacing mismatch,
+    label values outside the label set (listed), float labels with non-integer values, values needing more classes
+    than ``num_classes``. Warnings: origin/direction differences, labels without foreground, a label never present,
+    images and labels whose case numbers differ. Headers are read with nibabel and label voxels fully (needed for
+    the values); image voxels only with ``check_images=True`` (NaN and HU range).
+
+    Raises :class:`DatasetError` listing all errors (with ``.report``) unless ``raise_on_error=False``.
+
+    >>> report = verify_dataset("/data/Task07_Pancreas/dataset.json", {"pancreas": 1, "tumour": 2})  # doctest: +SKIP
+    >>> print(report.summary())  # doctest: +SKIP
+    """
+    data: Mapping | None = None
+    if isinstance(dataset, (str, os.PathLike)):
+        src = Path(dataset).expanduser()
+        datalist = load_datalist(src, key=key)
+        data = _read_json(src / "dataset.json" if src.is_dir() else src)
+    else:
+        datalist = [dict(d) for d in dataset]
+        if not datalist:
+            raise DatasetError(["the datalist is empty"])
+    label_map = _as_labels(labels, data)
+    allowed = {0, *label_map.values()}
+    errors: list[str] = []
+    warns: list[str] = []
+    if num_classes is not None and max(allowed) >= num_classes:
+        errors.append(f"label set {label_map} needs {max(allowed) + 1} classes but num_classes={num_classes}")
+    json_labels = _labels_from_json(data) if data is not None else None
+    if json_labels is not None and labels is not None and json_labels != label_map:
+        warns.append(f"the label set given {label_map} differs from dataset.json's labels {json_labels}")
+    for item in datalist:
+        if "image" not in item:
+            errors.append(f"datalist entry without 'image': {dict(item)}")
+    checked = [d for d in datalist if "image" in d][: max_cases if max_cases is not None else None]
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        results = list(pool.map(lambda d: _check_case(d, allowed, num_classes, check_geometry, check_images), checked))
+    counts = dict.fromkeys(sorted(label_map, key=label_map.get), 0)
+    by_id = {v: k for k, v in label_map.items()}
+    for errs, ws, present in results:
+        errors += errs
+        warns += ws
+        for v in present:
+            if v in by_id:
+                counts[by_id[v]] += 1
+    if any("label" in d for d in checked):
+        never = [f"{name} ({label_map[name]})" for name, n in counts.items() if n == 0]
+        if never:
+            warns.append(f"label(s) present in no checked case: {', '.join(never)}")
+    report = VerifyReport(len(datalist), len(checked), label_map, errors, warns, counts)
+    if errors and raise_on_error:
+        raise DatasetError(errors, report)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _groups(datalist: Sequence[Mapping], group_key: str | None) -> tuple[list[str], list[str]]:
+    keys = []
+    for i, d in enumerate(datalist):
+        if group_key is not None:
+            if group_key not in d:
+                raise ValueError(f"datalist entry {i} has no {group_key!r} to group by: {dict(d)}")
+            keys.append(str(d[group_key]))
+        elif "case_id" in d:
+            keys.append(str(d["case_id"]))
+        elif "image" in d:
+            keys.append(case_id_from_path(d["image"]))
+        else:
+            raise ValueError(f"datalist entry {i} has neither 'case_id' nor 'image': {dict(d)}")
+    return keys, sorted(set(keys))
+
+
+def split_folds(
+    datalist: Sequence[Mapping], n_folds: int = 5, seed: int = 0, group_key: str | None = None
+) -> list[tuple[list[dict], list[dict]]]:
+    """Deterministic k-fold split: ``[(train, val), ...]``, each case in exactly one ``val``.
+
+    Folds depend only on the case ids (or ``group_key`` values, e.g. a patient id, so that scans of one patient
+    share a fold) and ``seed``, not on the order of ``datalist``: the stage-1 out-of-fold predictions that train
+    stage 2 stay reproducible. Fold sizes differ by at most one group; entries keep their datalist order.
+
+    >>> cases = [{"case_id": f"c{i}"} for i in range(10)]
+    >>> [len(val) for _, val in split_folds(cases, n_folds=3)]
+    [4, 3, 3]
+    """
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be at least 2, got {n_folds}")
+    keys, groups = _groups(datalist, group_key)
+    if len(groups) < n_folds:
+        raise ValueError(f"{len(groups)} case groups cannot fill {n_folds} folds")
+    sizes = {g: keys.count(g) for g in groups}
+    fold_of: dict[str, int] = {}
+    load = [0] * n_folds
+    for idx in np.random.default_rng(seed).permutation(len(groups)):
+        g = groups[idx]
+        f = int(np.argmin(load))
+        fold_of[g] = f
+        load[f] += sizes[g]
+    out = []
+    for f in range(n_folds):
+        val = [dict(d) for d, k in zip(datalist, keys, strict=True) if fold_of[k] == f]
+        train = [dict(d) for d, k in zip(datalist, keys, strict=True) if fold_of[k] != f]
+        out.append((train, val))
+    return out
+
+
+def train_val_split(
+    datalist: Sequence[Mapping], val_fraction: float = 0.2, seed: int = 0, group_key: str | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Deterministic hold-out split by case id (or ``group_key``): ``round(val_fraction * groups)``, at least one.
+
+    >>> train, val = train_val_split([{"case_id": f"c{i}"} for i in range(10)], val_fraction=0.2)
+    >>> len(train), len(val)
+    (8, 2)
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    keys, groups = _groups(datalist, group_key)
+    if len(groups) < 2:
+        raise ValueError(f"{len(groups)} case group(s) cannot be split into training and validation")
+    n_val = min(len(groups) - 1, max(1, round(val_fraction * len(groups))))
+    perm = np.random.default_rng(seed).permutation(len(groups))
+    val_groups = {groups[i] for i in perm[:n_val]}
+    train = [dict(d) for d, k in zip(datalist, keys, strict=True) if k not in val_groups]
+    val = [dict(d) for d, k in zip(datalist, keys, strict=True) if k in val_groups]
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def verify(
+    dataset_json: str,
+    labels: str | dict | None = "paper",
+    num_classes: int | None = None,
+    max_cases: int | None = None,
+    key: str = "training",
+    from_folders: bool = False,
+    check_geometry: bool = True,
+    check_images: bool = False,
+    num_workers: int = 2,
+) -> None:
+    """Verify a dataset, print a summary, exit 1 on any error (command ``verify``)."""
+    try:
+        if from_folders:
+            dataset: Any = load_datalist(dataset_json, key=key, from_folders=True)
+        else:
+            dataset = dataset_json
+        report = verify_dataset(
+            dataset,
+            labels,
+            num_classes=num_classes,
+            check_geometry=check_geometry,
+            max_cases=max_cases,
+            key=key,
+            check_images=check_images,
+            num_workers=num_workers,
+            raise_on_error=False,
+        )
+    except (DatasetError, ValueError) as e:
+        print(f"ERROR {e}", file=sys.stderr)
+        sys.exit(1)
+    print(report.summary())
+    if not report.ok:
+        sys.exit(1)
+
+
+def folds(
+    dataset_json: str,
+    n_folds: int = 5,
+    seed: int = 0,
+    key: str = "training",
+    from_folders: bool = False,
+    output: str | None = None,
+) -> None:
+    """Print (or write to ``output`` as JSON) the case ids of each fold's validation set (command ``folds``)."""
+    datalist = load_datalist(dataset_json, key=key, from_folders=from_folders)
+    result = {
+        f"fold{i}": [d["case_id"] for d in val] for i, (_, val) in enumerate(split_folds(datalist, n_folds, seed))
+    }
+    text = json.dumps(result, indent=1)
+    if output:
+        Path(output).write_text(text + "\n")
+    print(text)
+
+
+def main() -> None:
+    import fire
+
+    fire.Fire({"verify": verify, "folds": folds})
+
+
+if __name__ == "__main__":
+    main()
