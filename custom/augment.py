@@ -343,9 +343,12 @@ class RandElasticRigid3D:
         )
         if params.control is not None:
             coef = coef + (params.control.to(device=device, dtype=torch.float32) * scale.view(1, 3, 1, 1, 1))[:, perm]
+        # float64 on CUDA: immune to TF32 matmuls (torch.set_float32_matmul_precision), and cheap there
+        dt = torch.float64 if device.type == "cuda" else torch.float32
+        coef, wx, wy, wz = coef.to(dt), wx.to(dt), wy.to(dt), wz.to(dt)
         field = wy @ (coef @ wz.T)  # (B, 3, nx, Py, Pz)
         field = field.permute(0, 2, 3, 4, 1).reshape(b, wx.shape[1], -1)  # (B, nx, Py * Pz * 3)
-        grid = (wx @ field).view(b, *self.patch_size, 3)
+        grid = (wx @ field).view(b, *self.patch_size, 3).float()
         return grid.add_(self._base_grid(box_size, device))
 
     def _resample(self, image, label, params):

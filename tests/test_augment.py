@@ -263,6 +263,40 @@ class TestCascadeBatchPreparer(unittest.TestCase):
         with self.assertRaises(TypeError):
             prep([torch.zeros(1, 1, 20, 20, 20)], "cpu")
 
+    def test_supervised_trainer_runs_with_preparer(self):
+        from monai.engines import SupervisedTrainer
+
+        class CropNet(torch.nn.Module):  # a 1x1x1 conv, cropped like a valid U-Net (margin 8 here)
+            def __init__(self):
+                super().__init__()
+                self.conv = torch.nn.Conv3d(1, 8, 1)
+
+            def forward(self, x):
+                return self.conv(x)[:, :, 8:-8, 8:-8, 8:-8]
+
+        seen = {}
+
+        def loss(pred, target):
+            seen["weights"] = target.meta["class_weights"]
+            return torch.nn.functional.cross_entropy(pred, target.as_tensor()[:, 0], ignore_index=255)
+
+        image, label = boxes(batch=2)
+        data = [{"image": image[i], "label": label[i], "class_weights": torch.full((8,), 0.5)} for i in range(2)]
+        net = CropNet()
+        trainer = SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=1,
+            train_data_loader=torch.utils.data.DataLoader(data, batch_size=2),
+            network=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            loss_function=loss,
+            prepare_batch=CascadeBatchPreparer(aug(), patch_size=PATCH, output_size=OUT),
+            decollate=False,
+        )
+        trainer.run()
+        self.assertTrue(math.isfinite(trainer.state.output["loss"].item()))
+        self.assertEqual(tuple(seen["weights"].shape), (2, 8))
+
     def test_sampler_to_network_patch_geometry(self):
         """Sampler box -> preparer: the drawn candidate voxel is the centre voxel of the label patch."""
         shape, voxel = (40, 30, 25), (2, 27, 12)
