@@ -27,7 +27,7 @@ import functools
 import gzip
 import logging
 import os
-import tempfile
+import secrets
 import warnings
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
@@ -763,12 +763,20 @@ def write_nifti_safely(
     path: str | os.PathLike,
     overwrite: bool = False,
     dtype: Any = None,
+    channel_dim: int | None = None,
 ) -> Path:
-    """Write a 3D array as NIfTI atomically: to a temporary file in the same folder, then renamed into place.
+    """Write a 3D array (or a 4D channel-last one) as NIfTI atomically: to a temporary file in the same folder, then
+    renamed into place.
 
     A reader never sees a half-written file, and an interrupted run leaves no truncated output behind. An existing
-    file is kept unless ``overwrite=True`` (``FileExistsError`` naming it). A leading channel axis of size 1 is
-    dropped. Both qform and sform are set (code 1, scanner) so that every viewer agrees on the orientation.
+    file is kept unless ``overwrite=True`` (``FileExistsError`` naming it). Both qform and sform are set (code 1,
+    scanner) so that every viewer agrees on the orientation.
+
+    Shapes: ``(X, Y, Z)``; ``(1, X, Y, Z)`` (the channel is dropped); ``(X, Y, Z, C)`` written as a 4D NIfTI (the
+    NIfTI convention). A 4D array whose first axis is the smallest, ``(C, X, Y, Z)``, is refused unless
+    ``channel_dim=0`` says so (it is then moved last): written as is, its channels would become a spatial axis.
+    Types: NIfTI has no float16 (written as float32) and nibabel refuses int64 by default (written as the smallest of
+    uint8/int16/int32 that holds the values); ``dtype`` forces a type.
 
     >>> write_nifti_safely(np.zeros((4, 4, 4), np.uint8), np.eye(4), "out/seg.nii.gz")  # doctest: +SKIP
     PosixPath('out/seg.nii.gz')
@@ -777,14 +785,35 @@ def write_nifti_safely(
     if nifti_case_id(p) is None:
         raise ValueError(f"{p}: output name must end in .nii or .nii.gz")
     data = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
-    if data.ndim == 4 and data.shape[0] == 1:
+    if channel_dim is not None:
+        if data.ndim != 4:
+            raise ValueError(f"{p}: channel_dim={channel_dim} needs a 4D array, got shape {data.shape}")
+        data = np.moveaxis(data, channel_dim, -1)
+    elif data.ndim == 4 and data.shape[0] == 1:
         data = data[0]
-    if data.ndim != 3:
-        raise ValueError(f"{p}: expected a 3D array (or 1 x X x Y x Z), got shape {data.shape}")
-    if data.dtype == bool:
-        data = data.astype(np.uint8)
+    elif data.ndim == 4 and data.shape[0] < data.shape[-1]:
+        raise ValueError(
+            f"{p}: 4D array of shape {data.shape} looks channel-first (C, X, Y, Z); NIfTI stores channels last: "
+            "pass channel_dim=0, or channel_dim=-1 if it really is (X, Y, Z, C)"
+        )
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim not in (3, 4):
+        raise ValueError(f"{p}: expected a 3D array (or a 4D channel-last one), got shape {data.shape}")
     if dtype is not None:
         data = data.astype(dtype)
+    elif data.dtype == bool:
+        data = data.astype(np.uint8)
+    elif data.dtype == np.float16:
+        data = data.astype(np.float32)
+    elif data.dtype in (np.int64, np.uint64):
+        lo, hi = (int(data.min()), int(data.max())) if data.size else (0, 0)
+        for t in (np.uint8, np.int16, np.int32):
+            if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+                data = data.astype(t)
+                break
+        else:
+            raise ValueError(f"{p}: integer values [{lo}, {hi}] do not fit int32; pass dtype= explicitly")
     aff = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
     aff = np.asarray(aff, dtype=np.float64)
     if aff.shape != (4, 4) or not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
@@ -796,13 +825,11 @@ def write_nifti_safely(
     img.set_sform(aff, code=1)
     img.set_qform(aff, code=1)
     suffix = ".nii.gz" if p.name.lower().endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=f".tmp{suffix}")
-    os.close(fd)
+    tmp = str(p.parent / f".{p.name}.{secrets.token_hex(6)}.tmp{suffix}")
+    # created here with mode 0o666 minus the umask, as a plain open() would (mkstemp would leave it private: 0o600)
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         nib.save(img, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         if overwrite:
             os.replace(tmp, p)
         else:

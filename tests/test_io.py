@@ -597,10 +597,42 @@ def test_write_nifti_safely_failure_leaves_old_file_and_no_partial(tmp_path, mon
     assert target.read_bytes() == b"previous result" if overwrite else not target.exists()
 
 
+WRITE_CONVERSIONS = [
+    ("channel_last_probabilities", np.random.default_rng(0).random((6, 5, 4, 3)).astype(np.float16), {}, (6, 5, 4, 3)),
+    ("channel_first_named", np.zeros((3, 6, 5, 4), np.float32), {"channel_dim": 0}, (6, 5, 4, 3)),
+    ("int64_labels", np.full((6, 5, 4), 7, np.int64), {}, (6, 5, 4)),
+    ("negative_int64", np.full((6, 5, 4), -1024, np.int64), {}, (6, 5, 4)),
+    ("bool_mask", np.ones((6, 5, 4), bool), {}, (6, 5, 4)),
+    ("forced_dtype", np.ones((6, 5, 4), np.float64), {"dtype": np.int16}, (6, 5, 4)),
+]
+WRITE_DTYPES = {
+    "channel_last_probabilities": np.float32,
+    "channel_first_named": np.float32,
+    "int64_labels": np.uint8,
+    "negative_int64": np.int16,
+    "bool_mask": np.uint8,
+    "forced_dtype": np.int16,
+}
+
+
+@parameterized.expand(WRITE_CONVERSIONS)
+def test_write_nifti_safely_shapes_and_types(name, array, kwargs, shape):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        out = write_nifti_safely(array, AFFINE, Path(d) / "x.nii.gz", **kwargs)
+        img = nib.load(out)
+        assert img.shape == shape and img.get_data_dtype() == WRITE_DTYPES[name]
+        expected = np.moveaxis(array, 0, -1) if "channel_dim" in kwargs else array
+        assert np.allclose(np.asarray(img.dataobj), expected.astype(np.float64))
+
+
 @pytest.mark.parametrize(
     "array, affine, name, phrase",
     [
         (np.zeros((4, 4)), AFFINE, "a.nii.gz", "expected a 3D array"),
+        (np.zeros((3, 6, 5, 4)), AFFINE, "a.nii.gz", "looks channel-first"),
+        (np.full((4, 4, 4), 2**40), AFFINE, "a.nii.gz", "do not fit int32"),
         (np.zeros((4, 4, 4)), np.zeros((4, 4)), "a.nii.gz", "invertible"),
         (np.zeros((4, 4, 4)), AFFINE, "a.nrrd", "must end in .nii"),
     ],
