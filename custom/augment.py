@@ -363,9 +363,39 @@ class RandElasticRigid3D:
             return out, None
         m, o = self.margin, self.output_size
         grid_l = grid[:, m[0] : m[0] + o[0], m[1] : m[1] + o[1], m[2] : m[2] + o[2]]
-        lab = label.float() - self.label_pad_value
-        lab = F.grid_sample(lab, grid_l, mode="nearest", padding_mode="zeros", align_corners=True)
+        # only the window of the box that the label points can reach is converted to float and sampled
+        box = tuple(int(s) for s in label.shape[2:])
+        window = self._label_window(params, box)
+        lab = label[(..., *(slice(lo, hi + 1) for lo, hi in window))].float() - self.label_pad_value
+        k = [(s - 1) / (hi - lo) for s, (lo, hi) in zip(box, window, strict=True)]
+        b = [k_ - 1 - 2 * lo / (hi - lo) for k_, (lo, hi) in zip(k, window, strict=True)]
+        k = torch.tensor(k[::-1], device=grid.device, dtype=grid.dtype)  # grid channels are (z, y, x)
+        b = torch.tensor(b[::-1], device=grid.device, dtype=grid.dtype)
+        lab = F.grid_sample(lab, grid_l * k + b, mode="nearest", padding_mode="zeros", align_corners=True)
         return out, (lab + self.label_pad_value).round().long()
+
+    def _label_window(self, params: AugmentParams, box: tuple[int, ...]) -> list[tuple[int, int]]:
+        """Inclusive index range per axis of the box that the label's sampling points can reach (from the parameters).
+
+        The points are ``c + t + R x + e(x)`` for ``x`` in the output region: the affine part is extreme at the
+        region's corners and ``|e|`` is bounded by the largest coefficient. One voxel of slack on each side.
+        """
+        half = torch.tensor([(o - 1) / 2 for o in self.output_size], dtype=torch.float64)
+        corners = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0], dtype=torch.float64)] * 3) * half
+        rot = params.rotation.detach().to("cpu", torch.float64)
+        pos = torch.einsum("bij,kj->bki", rot, corners) + params.translation.detach().to("cpu", torch.float64)[:, None]
+        lo_off, hi_off = pos.amin(dim=(0, 1)), pos.amax(dim=(0, 1))
+        if params.control is not None:
+            d = params.control.detach().to("cpu", torch.float64).abs().amax(dim=(0, 2, 3, 4))
+            lo_off, hi_off = lo_off - d, hi_off + d
+        window = []
+        for s, l_, h_ in zip(box, lo_off.tolist(), hi_off.tolist(), strict=True):
+            c = (s - 1) / 2
+            lo, hi = max(0, math.floor(c + l_) - 1), min(s - 1, math.ceil(c + h_) + 1)
+            if hi - lo < 1:  # all points outside the box along this axis (or a single voxel): keep the whole axis
+                lo, hi = 0, s - 1
+            window.append((lo, hi))
+        return window
 
 
 class CascadeBatchPreparer(PrepareBatch):

@@ -126,6 +126,18 @@ class TestGeometry(unittest.TestCase):
         self.assertTrue(bool(torch.isin(lab, torch.tensor([0, 2, 5, 255])).all()))
         self.assertGreater(len(torch.unique(lab)), 2)
 
+    @parameterized.expand([("uniform", "uniform", 6.0), ("normal", "normal", 6.0), ("far", "uniform", 14.0)])
+    def test_label_window_equals_full_box_sampling(self, _, dist, shift):
+        """The label is sampled from a window of the box only; it must equal sampling the whole box."""
+        image, label = boxes((3, 3, 3), batch=4, labels=(0, 1, 2, 3, 4, 5, 6))
+        t = aug(translation=shift, rotation_degrees=20.0, max_displacement=3.0, grid_spacing=8, distribution=dist)
+        p = t.randomize(4)
+        _, lab = t.apply(image, label, p)
+        grid = t.sampling_grid(p, image.shape[2:])[:, 8:12, 8:12, 8:12]
+        ref = torch.nn.functional.grid_sample(label.float() - 255, grid, mode="nearest", align_corners=True) + 255
+        self.assertTrue(torch.equal(lab, ref.long()))
+        self.assertLess(len(torch.unique(lab)), 9)
+
 
 class TestRandomParameters(unittest.TestCase):
     @parameterized.expand(
