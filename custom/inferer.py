@@ -1,0 +1,640 @@
+"""Exact, memory-bounded tiled inference for valid-convolution networks (:class:`custom.network.ValidUNet3D`).
+
+MONAI's ``SlidingWindowInferer`` assumes that a network maps a window to an output of the *same* size; a valid-
+convolution network returns a window 88 voxels smaller, which MONAI treats as a zoomed window: the geometry comes out
+wrong without any error. :class:`ValidTiledInferer` tiles the *output* domain instead: every output tile is predicted
+from its input tile grown by the margin (44 voxels per side), and the image borders are padded by that margin, so
+every input voxel gets a prediction and the output has the input's spatial size.
+
+Two tilings (details and measured costs in ``bundle/docs/tiling.md``):
+
+- ``mode="aligned"`` (default): output tiles as large as a memory budget allows, with offsets that are multiples of 8
+  (the pooling period) from the padded volume's origin. The stitched result then equals one whole-volume pass
+  ("pad by 44, plus end padding to a valid size, run once, crop") to float precision, for any tile and volume size,
+  and the cost per output voxel approaches that of one pass (2.2-2.3 MFLOP per voxel at the paper's widths, against
+  9.7 for the paper's 44x44x28 tiles). ``overlap=R`` (1, 2, 4, 8) averages R passes whose tilings are shifted by 4
+  voxels (half the pooling period) on chosen axes: a test-time ensemble over pooling phases at R x one-pass cost.
+- ``mode="paper"``: the paper's fixed 44x44x28 output tiles (132x132x116 inputs), non-overlapping; with ``overlap=R``
+  the stride is halved on x (R = 2), x and y (R = 4, the paper's "4x sampling") or x, y and z (R = 8), and the
+  probabilities of all tiles covering a voxel are averaged (paper eq. 5). Adjacent tiles see different pooling phases,
+  so this mode does not equal a whole-volume pass; it exists to reproduce the paper.
+
+A candidate ``mask`` (stage 1: body mask C1, stage 2: dilated stage-1 foreground C2) skips every tile whose output
+region holds no candidate voxel, and sets every voxel outside the mask to background.
+
+Example (narrow network, CPU, float32):
+
+>>> from custom.network import ValidUNet3D
+>>> net = ValidUNet3D(out_channels=3, features=4)
+>>> inferer = ValidTiledInferer(tile_size=(20, 20, 20), amp=False)
+>>> probs = inferer(torch.rand(1, 1, 30, 25, 17), net)
+>>> probs.shape, inferer.last_stats["tiles_run"]
+(torch.Size([1, 3, 30, 25, 17]), 4)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type
+from torch import nn
+
+from custom.network import ValidUNet3D, fold_batchnorm
+
+__all__ = ["ValidTiledInferer", "TilePass", "estimate_tile_bytes", "max_activation_elements"]
+
+#: The paper's output tile (x, y, z); its input is 132x132x116.
+PAPER_TILE = (44, 44, 28)
+#: Tiling-origin shifts (voxels, per axis) of the R passes of aligned mode: half the pooling period, balanced so that
+#: each axis is shifted in half of the passes.
+_ALIGNED_SHIFTS = {
+    1: [(0, 0, 0)],
+    2: [(0, 0, 0), (1, 1, 1)],
+    4: [(0, 0, 0), (1, 1, 0), (1, 0, 1), (0, 1, 1)],
+    8: [(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)],
+}
+#: Axes whose stride is halved in paper mode, by overlap factor (the paper's 4x: x and y).
+_PAPER_HALVED = {1: (), 2: (0,), 4: (0, 1), 8: (0, 1, 2)}
+_MAX_ELEMENTS = 2**31 - 1  # largest single activation kept below int32 indexing limits of some kernels
+
+
+def max_activation_elements(in_size: Sequence[int], features: int = 32, batch: int = 1) -> int:
+    """Elements of the largest single activation of :class:`ValidUNet3D` for an input of ``in_size``.
+
+    Either the first skip (2f channels at ``n - 4``) or the last concatenation (6f channels at ``n - 84``).
+    """
+    n = [int(s) for s in in_size]
+    return batch * max(2 * features * math.prod(s - 4 for s in n), 6 * features * math.prod(max(s - 84, 0) for s in n))
+
+
+def estimate_tile_bytes(
+    in_size: Sequence[int],
+    in_channels: int = 1,
+    out_channels: int = 8,
+    features: int = 32,
+    batch: int = 1,
+    elem_bytes: int = 4,
+    folded: bool = True,
+) -> int:
+    """Estimated peak memory (bytes) of one inference forward of :class:`ValidUNet3D` on ``batch`` tiles.
+
+    Follows the live tensors of the eager forward at its two peaks: the end of the first level (input, first
+    convolution output, first skip) and the last decoder level (all skips, up-convolution output, concatenation,
+    convolution output); an unfolded BatchNorm adds one more tensor the size of its convolution's output. The float32
+    probabilities and logits of the output tile are added, and a factor 1.5 covers library workspaces: measured CPU
+    peaks (torch 2.13, oneDNN) were 0.5-1.0 of this estimate for f = 8 and 32, float32 and bfloat16, with or without
+    BatchNorm folding, channels-last (the default); bfloat16 in NCDHW reached 1.4x. Not calibrated on CUDA yet.
+    """
+    f = features
+    n = [int(s) for s in in_size]
+    vol = math.prod
+    n1, n2 = vol(s - 2 for s in n), vol(s - 4 for s in n)
+    n2p = vol((s - 4) // 2 for s in n)
+    n3 = vol(((s - 4) // 2 - 4) for s in n)
+    n3p = vol(((s - 4) // 2 - 4) // 2 for s in n)
+    n4 = vol((((s - 4) // 2 - 4) // 2 - 4) for s in n)
+    m = vol(max(s - 84, 0) for s in n)  # last up-convolution output
+    extra = 0 if folded else 1
+    enc = in_channels * vol(n) + f * n1 * (1 + extra) + 2 * f * n2 * (1 + extra)
+    skips = 2 * f * n2 + 4 * f * n3 + 8 * f * n4
+    dec = skips + 4 * f * m + 6 * f * m + 2 * f * m * (1 + extra)
+    pooled = 2 * f * n2p + 4 * f * n3p  # small next to the rest
+    peak = max(enc, dec) + pooled
+    out = 2 * out_channels * m * 4 // elem_bytes  # logits and probabilities in float32
+    return int(batch * (peak + out) * elem_bytes * 1.5)
+
+
+@dataclass
+class TilePass:
+    """One tiling of the output domain: tiles of ``tile_size`` at ``starts`` (image coordinates, may be negative).
+
+    ``write`` gives, per tile, the (start, stop) region it writes per axis (image coordinates, clipped to the image):
+    in aligned mode a partition of the image (overlapping tiles agree, so each voxel is written once); in paper mode
+    the whole tile (overlapping tiles are averaged).
+    """
+
+    shift: tuple[int, int, int]
+    tile_size: tuple[int, int, int]
+    starts: list[tuple[int, int, int]] = field(default_factory=list)
+    write: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
+
+
+def _valid_outputs_from(m: int, min_output: int, align: int) -> int:
+    """Smallest valid output size >= m (valid output sizes are min_output + align * k)."""
+    return min_output + max(0, math.ceil((m - min_output) / align)) * align
+
+
+class ValidTiledInferer(Inferer):
+    """Tiled inference for valid-convolution networks whose output is ``2 * margin`` smaller than the input.
+
+    Args:
+        mode: ``"aligned"`` (exact, large tiles; default) or ``"paper"`` (44x44x28 tiles, as the paper).
+        tile_size: output tile size (x, y, z). Aligned mode: rounded down to a valid output size (``4 + 8 k``) and
+            capped by the volume; ``None`` = as large as ``memory_budget_mb`` allows. Paper mode: default 44x44x28;
+            must be valid output sizes.
+        memory_budget_mb: memory for one batch of tiles (aligned mode, when ``tile_size`` is None). ``None``: on CPU a
+            quarter of the available RAM up to 4 GB; on CUDA half of the free device memory.
+        overlap: R = 1, 2, 4 or 8 predictions per voxel, averaged (aligned: pooling-phase-shifted passes; paper: halved
+            strides, R = 4 is the paper's overlapping mode).
+        padding_mode: border padding of the image, ``"constant"`` (with ``pad_value``) or ``"replicate"``.
+        pad_value: constant used for padding: the normalised intensity of air in this bundle's configs.
+        sw_batch_size: tiles per forward.
+        amp: bfloat16 compute (CPU and CUDA); with ``fold_bn`` the folded copy runs in pure bfloat16, otherwise
+            under autocast. float32 when False.
+        channels_last: channels_last_3d memory format for tiles and the folded copy (faster on CUDA in bfloat16,
+            and on CPU for both float32 and bfloat16, where oneDNN prefers it: 2x measured at the paper's widths).
+        fold_bn: run a cached copy of a :class:`ValidUNet3D` with BatchNorm folded into the convolutions.
+        output_device: device of the returned probabilities; ``None`` = the input's device, falling back to the CPU
+            when the probabilities do not fit in free CUDA memory.
+        progress: show a progress bar over batches of tiles.
+        activation: ``"softmax"`` (default), ``"sigmoid"`` or ``"none"`` (logits).
+        margin: voxels lost per side by the network (44).
+        align: shift-equivariance period of the network (8).
+        min_output: smallest output size of the network (4); valid output sizes are ``min_output + align * k``.
+
+    Call: ``inferer(inputs (B, C, X, Y, Z), network, mask=None) -> MetaTensor (B, K, X, Y, Z)``. After each call
+    ``last_stats`` holds ``tiles_run``, ``tiles_skipped``, ``candidate_fraction``, ``seconds``, ``mode``,
+    ``tile_size`` (output tile of the first pass), ``input_tile_size``, ``passes``, ``flops`` (estimated forward
+    FLOPs, ``None`` for networks that do not expose ``flops``) and ``flops_per_voxel``.
+    """
+
+    def __init__(
+        self,
+        mode: str = "aligned",
+        tile_size: Sequence[int] | None = None,
+        memory_budget_mb: float | None = None,
+        overlap: int = 1,
+        padding_mode: str = "constant",
+        pad_value: float = 0.0,
+        sw_batch_size: int = 1,
+        amp: bool = True,
+        channels_last: bool = True,
+        fold_bn: bool = True,
+        output_device: str | None = None,
+        progress: bool = False,
+        activation: str = "softmax",
+        margin: int = 44,
+        align: int = 8,
+        min_output: int = 4,
+    ) -> None:
+        super().__init__()
+        if mode not in ("aligned", "paper"):
+            raise ValueError(f"mode must be 'aligned' or 'paper', got {mode!r}")
+        if int(overlap) not in _ALIGNED_SHIFTS:
+            raise ValueError(f"overlap must be one of {sorted(_ALIGNED_SHIFTS)}, got {overlap!r}")
+        if padding_mode not in ("constant", "replicate"):
+            raise ValueError(f"padding_mode must be 'constant' or 'replicate', got {padding_mode!r}")
+        if activation not in ("softmax", "sigmoid", "none"):
+            raise ValueError(f"activation must be 'softmax', 'sigmoid' or 'none', got {activation!r}")
+        if int(sw_batch_size) < 1:
+            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        if tile_size is not None:
+            tile_size = tuple(int(t) for t in tile_size)
+            if len(tile_size) != 3 or min(tile_size) < 1:
+                raise ValueError(f"tile_size must be 3 positive sizes (x, y, z), got {tile_size}")
+        if align % 2:
+            raise ValueError(f"align must be even (pooling period), got {align}")
+        self.mode = mode
+        self.tile_size = tile_size
+        self.memory_budget_mb = memory_budget_mb
+        self.overlap = int(overlap)
+        self.padding_mode = padding_mode
+        self.pad_value = float(pad_value)
+        self.sw_batch_size = int(sw_batch_size)
+        self.amp = bool(amp)
+        self.channels_last = bool(channels_last)
+        self.fold_bn = bool(fold_bn)
+        self.output_device = output_device
+        self.progress = bool(progress)
+        self.activation = activation
+        self.margin = int(margin)
+        self.align = int(align)
+        self.min_output = int(min_output)
+        self.last_stats: dict[str, Any] = {}
+        self._fold_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        if mode == "paper":
+            tile = self.tile_size or PAPER_TILE
+            bad = [t for t in tile if not self._is_valid_output(t)]
+            if bad:
+                raise ValueError(f"paper-mode tile sizes must be {min_output} + {align} k (e.g. 44, 28), got {tile}")
+
+    # ----------------------------------------------------------------------------------------------------- planning
+    def _is_valid_output(self, t: int) -> bool:
+        return t >= self.min_output and (t - self.min_output) % self.align == 0
+
+    def _round_down_output(self, t: int) -> int:
+        return max(self.min_output, self.min_output + ((t - self.min_output) // self.align) * self.align)
+
+    def plan(
+        self,
+        spatial_size: Sequence[int],
+        tile_size: Sequence[int] | None = None,
+    ) -> list[TilePass]:
+        """The passes and tiles for an image of ``spatial_size`` (x, y, z), before any mask is applied.
+
+        ``tile_size`` overrides the constructor's (aligned mode: the wanted output tile, rebalanced per axis so that
+        the tiles cover the domain with the least overlap).
+        """
+        size = tuple(int(s) for s in spatial_size)
+        if len(size) != 3 or min(size) < 1:
+            raise ValueError(f"spatial_size must be 3 positive sizes, got {spatial_size}")
+        if self.mode == "paper":
+            return [self._plan_paper(size, tuple(tile_size or self.tile_size or PAPER_TILE))]
+        wanted = tuple(tile_size or self.tile_size or size)
+        half = self.align // 2
+        return [
+            self._plan_aligned(size, wanted, tuple(half * s for s in shift)) for shift in _ALIGNED_SHIFTS[self.overlap]
+        ]
+
+    def _plan_aligned(self, size: tuple[int, ...], wanted: tuple[int, ...], shift: tuple[int, ...]) -> TilePass:
+        # Output domain of the pass: image coordinates [-shift, -shift + M), M = smallest valid output >= size + shift.
+        # Tiles start at multiples of `align` from the domain origin; the last one ends at M (also a multiple of align
+        # away, since M and the tile size are both min_output mod align).
+        min_tile = _valid_outputs_from(self.align, self.min_output, self.align)  # stride must be >= align
+        axes_starts, axes_write, tiles = [], [], []
+        for n, w, s in zip(size, wanted, shift, strict=True):
+            dom = _valid_outputs_from(n + s, self.min_output, self.align)
+            t = min(dom, max(self._round_down_output(int(w)), min_tile))
+            if t >= dom:
+                t, count = dom, 1
+            else:
+                stride = (t // self.align) * self.align
+                count = math.ceil((dom - t) / stride) + 1
+                # rebalance: the smallest valid tile that still covers the domain with `count` tiles
+                t = min_tile
+                while (count - 1) * ((t // self.align) * self.align) + t < dom:
+                    t += self.align
+            stride = (t // self.align) * self.align
+            starts = [min(k * stride, dom - t) for k in range(count)]
+            bounds = starts[1:] + [dom]
+            write = [(max(a - s, 0), min(b - s, n)) for a, b in zip(starts, bounds, strict=True)]
+            keep = [i for i, (a, b) in enumerate(write) if b > a]
+            axes_starts.append([starts[i] - s for i in keep])
+            axes_write.append([write[i] for i in keep])
+            tiles.append(t)
+        p = TilePass(shift=tuple(shift), tile_size=tuple(tiles))
+        for i, sx in enumerate(axes_starts[0]):
+            for j, sy in enumerate(axes_starts[1]):
+                for k, sz in enumerate(axes_starts[2]):
+                    p.starts.append((sx, sy, sz))
+                    p.write.append((axes_write[0][i], axes_write[1][j], axes_write[2][k]))
+        return p
+
+    def _plan_paper(self, size: tuple[int, ...], tile: tuple[int, ...]) -> TilePass:
+        bad = [t for t in tile if not self._is_valid_output(int(t))]
+        if bad:
+            raise ValueError(f"paper-mode tile sizes must be {self.min_output} + {self.align} k, got {tile}")
+        halved = _PAPER_HALVED[self.overlap]
+        axes = []
+        for a, (n, t) in enumerate(zip(size, tile, strict=True)):
+            stride = max(1, t // 2) if a in halved else t
+            count = 1 if n <= t else math.ceil((n - t) / stride) + 1
+            axes.append([k * stride for k in range(count)])
+        p = TilePass(shift=(0, 0, 0), tile_size=tuple(int(t) for t in tile))
+        for sx in axes[0]:
+            for sy in axes[1]:
+                for sz in axes[2]:
+                    p.starts.append((sx, sy, sz))
+                    p.write.append(tuple((o, min(o + t, n)) for o, t, n in zip((sx, sy, sz), tile, size, strict=True)))
+        return p
+
+    def coverage_count(self, spatial_size: Sequence[int], tile_size: Sequence[int] | None = None) -> torch.Tensor:
+        """How many predictions are averaged at each voxel (int32, shape ``spatial_size``), from :meth:`plan`."""
+        count = torch.zeros(tuple(int(s) for s in spatial_size), dtype=torch.int32)
+        for p in self.plan(spatial_size, tile_size):
+            for w in p.write:
+                count[w[0][0] : w[0][1], w[1][0] : w[1][1], w[2][0] : w[2][1]] += 1
+        return count
+
+    def choose_tile_size(
+        self,
+        spatial_size: Sequence[int],
+        budget_bytes: float,
+        in_channels: int = 1,
+        out_channels: int = 8,
+        features: int = 32,
+        elem_bytes: int = 4,
+        folded: bool = True,
+    ) -> tuple[int, int, int]:
+        """Largest output tile (aligned mode) whose batch of ``sw_batch_size`` tiles fits ``budget_bytes``.
+
+        Starts from the whole volume and shrinks the longest input side by ``align`` until the estimate of
+        :func:`estimate_tile_bytes` fits and no activation exceeds 2**31 elements; near-cubic inputs keep the
+        88-voxel halo overhead smallest.
+        """
+        min_tile = _valid_outputs_from(self.align, self.min_output, self.align)
+        tile = [_valid_outputs_from(int(n), self.min_output, self.align) for n in spatial_size]
+
+        def fits(t: list[int]) -> bool:
+            ins = [x + 2 * self.margin for x in t]
+            b = self.sw_batch_size
+            est = estimate_tile_bytes(ins, in_channels, out_channels, features, b, elem_bytes, folded)
+            return est <= budget_bytes and max_activation_elements(ins, features, 1) <= _MAX_ELEMENTS
+
+        while not fits(tile):
+            ax = max(range(3), key=lambda a: (tile[a], -a))
+            if tile[ax] <= min_tile:
+                break  # the smallest tile: run it even if over budget
+            tile[ax] -= self.align
+        return tuple(max(t, min_tile) for t in tile)
+
+    # ---------------------------------------------------------------------------------------------------- running
+    def _default_budget(self, device: torch.device, output_bytes: int) -> float:
+        if self.memory_budget_mb is not None:
+            return float(self.memory_budget_mb) * 2**20
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return 0.5 * max(free - output_bytes, 0)
+        avail = _available_ram_bytes()
+        return min(4 * 2**30, 0.25 * avail) if avail else 2 * 2**30
+
+    def _compute_net(self, network: Callable, device: torch.device) -> tuple[Callable, bool, torch.dtype | None]:
+        """(module to run, whether it is the folded copy, dtype to cast tiles to or None for autocast/fp32)."""
+        use_cl = self.channels_last
+        if not (self.fold_bn and isinstance(network, ValidUNet3D)):
+            return network, False, None
+        dtype = torch.bfloat16 if self.amp else torch.float32
+        state = tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in network.state_dict().values())
+        key = (state, dtype, use_cl)
+        cached = self._fold_cache.get(network)
+        if cached is not None and cached[0] == key:
+            return cached[1], True, dtype
+        folded = fold_batchnorm(network).to(dtype=dtype)
+        if use_cl:
+            folded = folded.to(memory_format=torch.channels_last_3d)
+        self._fold_cache[network] = (key, folded)
+        return folded, True, dtype
+
+    def __call__(  # type: ignore[override]
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], mask: torch.Tensor | None = None, **kwargs
+    ) -> MetaTensor:
+        t0 = time.perf_counter()
+        if inputs.dim() != 5:
+            raise ValueError(f"inputs must be (B, C, X, Y, Z), got shape {tuple(inputs.shape)}")
+        batch, _, *spatial = inputs.shape
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if mask.dim() != 5 or mask.shape[0] != batch or mask.shape[1] != 1 or list(mask.shape[2:]) != spatial:
+                raise ValueError(f"mask must be (B, 1, X, Y, Z) = {(batch, 1, *spatial)}, got {tuple(mask.shape)}")
+            mask = mask.as_subclass(torch.Tensor).to(inputs.device) > 0
+        for name in ("margin", "align"):
+            got = getattr(network, name, None)
+            if isinstance(got, int) and got != getattr(self, name):
+                raise ValueError(f"network {name} = {got} but inferer {name} = {getattr(self, name)}")
+        meta_src = MetaTensor([]).copy_meta_from(inputs, copy_attr=False) if isinstance(inputs, MetaTensor) else None
+        x = inputs.as_subclass(torch.Tensor) if isinstance(inputs, torch.Tensor) else torch.as_tensor(inputs)
+        if not x.is_floating_point():
+            x = x.float()
+
+        device = _module_device(network) or x.device
+        out_channels = _out_channels(network)
+        out_bytes = batch * (out_channels or 8) * math.prod(spatial) * 4
+        out_device = torch.device(self.output_device) if self.output_device else x.device
+        if self.output_device is None and out_device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(out_device)
+            if out_bytes > 0.5 * free:
+                out_device = torch.device("cpu")
+        on_out_dev = out_bytes if out_device.type == device.type else 0
+
+        was_training = network.training if isinstance(network, nn.Module) else None
+        if isinstance(network, nn.Module):
+            network.eval()
+        try:
+            net, folded, cast = self._compute_net(network, device)
+            tile = None
+            if self.mode == "aligned" and self.tile_size is None:
+                elem = 2 if self.amp else 4
+                budget = self._default_budget(device, on_out_dev)
+                tile = self.choose_tile_size(
+                    spatial,
+                    budget,
+                    in_channels=x.shape[1],
+                    out_channels=out_channels or 8,
+                    features=int(getattr(network, "features", 32)),
+                    elem_bytes=elem,
+                    folded=folded,
+                )
+            passes = self.plan(spatial, tile)
+            out, stats = self._run(x, net, passes, mask, device, out_device, cast, out_channels)
+        finally:
+            if was_training is not None:
+                network.train(was_training)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        flops_fn = getattr(network, "flops", None)
+        tile_flops = [
+            flops_fn([t + 2 * self.margin for t in p.tile_size]) if callable(flops_fn) else None for p in passes
+        ]
+        flops = None
+        if all(f is not None for f in tile_flops):
+            flops = sum(f * n for f, n in zip(tile_flops, stats.pop("runs_per_pass"), strict=True))
+        else:
+            stats.pop("runs_per_pass")
+        n_vox = batch * math.prod(spatial)
+        stats.update(
+            mode=self.mode,
+            overlap=self.overlap,
+            passes=len(passes),
+            tile_size=list(passes[0].tile_size),
+            input_tile_size=[t + 2 * self.margin for t in passes[0].tile_size],
+            flops=flops,
+            flops_per_voxel=None if flops is None else flops / n_vox,
+            device=str(device),
+            output_device=str(out_device),
+            dtype=str(cast or (torch.bfloat16 if self.amp else torch.float32)).replace("torch.", ""),
+            folded_bn=folded,
+            seconds=time.perf_counter() - t0,
+        )
+        self.last_stats = stats
+        if meta_src is not None:
+            return convert_to_dst_type(out, meta_src, device=out_device)[0]
+        return MetaTensor(out)
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        net: Callable,
+        passes: list[TilePass],
+        mask: torch.Tensor | None,
+        device: torch.device,
+        out_device: torch.device,
+        cast: torch.dtype | None,
+        out_channels: int | None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        batch, _, *spatial = x.shape
+        m = self.margin
+        # one padded copy of the image serves every pass: pad so that the lowest tile start and the highest tile end
+        # of all passes fit.
+        lo = [max(m - min(st[a] for p in passes for st in p.starts), 0) for a in range(3)]
+        hi = [max(max(st[a] + p.tile_size[a] + m for p in passes for st in p.starts) - spatial[a], 0) for a in range(3)]
+        pad = (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0])
+        use_cl = self.channels_last
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+            if self.amp and cast is None
+            else nullcontext()
+        )
+        averaged = self.overlap > 1
+        count = None
+        if averaged and self.mode == "paper":
+            count = self.coverage_count(spatial, passes[0].tile_size).to(out_device)
+        runs_per_pass = [0] * len(passes)
+        tiles_run = tiles_skipped = 0
+        out: torch.Tensor | None = None
+        if out_channels is not None:
+            out = torch.zeros((batch, out_channels, *spatial), dtype=torch.float32, device=out_device)
+        jobs = []
+        for b in range(batch):
+            for pi, p in enumerate(passes):
+                for st, w in zip(p.starts, p.write, strict=True):
+                    if mask is not None and not bool(
+                        mask[b, 0, w[0][0] : w[0][1], w[1][0] : w[1][1], w[2][0] : w[2][1]].any()
+                    ):
+                        tiles_skipped += 1
+                        continue
+                    jobs.append((b, pi, st, w))
+        groups: list[list] = []
+        for job in jobs:  # batch tiles of the same element and pass (same tile size)
+            if groups and len(groups[-1]) < self.sw_batch_size and groups[-1][0][:2] == job[:2]:
+                groups[-1].append(job)
+            else:
+                groups.append([job])
+        padded = None
+        padded_b = -1
+        bar = None
+        if self.progress and groups:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(groups), desc="tiles", leave=False)
+        with torch.no_grad():
+            for group in groups:
+                b, pi = group[0][0], group[0][1]
+                if b != padded_b:
+                    xb = x[b : b + 1]
+                    if self.padding_mode == "constant":
+                        padded = F.pad(xb, pad, mode="constant", value=self.pad_value)
+                    else:
+                        padded = F.pad(xb, pad, mode="replicate")
+                    padded_b = b
+                tsz = passes[pi].tile_size
+                crops = []
+                for _, _, st, _ in group:
+                    o = [st[a] - m + lo[a] for a in range(3)]
+                    crops.append(
+                        padded[
+                            0,
+                            :,
+                            o[0] : o[0] + tsz[0] + 2 * m,
+                            o[1] : o[1] + tsz[1] + 2 * m,
+                            o[2] : o[2] + tsz[2] + 2 * m,
+                        ]
+                    )
+                tiles = torch.stack(crops).to(device=device, dtype=cast or torch.float32)
+                if use_cl:
+                    tiles = tiles.contiguous(memory_format=torch.channels_last_3d)
+                with autocast:
+                    logits = net(tiles)
+                logits = logits.float()
+                if list(logits.shape[2:]) != list(tsz):
+                    raise ValueError(
+                        f"network output {tuple(logits.shape[2:])} for input {tuple(tiles.shape[2:])}, expected "
+                        f"{tuple(tsz)}: margin {m} does not match the network"
+                    )
+                probs = self._activate(logits).to(out_device)
+                if out is None:
+                    out = torch.zeros((batch, probs.shape[1], *spatial), dtype=torch.float32, device=out_device)
+                for i, (_, _, st, w) in enumerate(group):
+                    src = probs[
+                        i,
+                        :,
+                        w[0][0] - st[0] : w[0][1] - st[0],
+                        w[1][0] - st[1] : w[1][1] - st[1],
+                        w[2][0] - st[2] : w[2][1] - st[2],
+                    ]
+                    dst = out[b, :, w[0][0] : w[0][1], w[1][0] : w[1][1], w[2][0] : w[2][1]]
+                    if averaged:
+                        dst += src
+                    else:
+                        dst.copy_(src)
+                tiles_run += len(group)
+                runs_per_pass[pi] += len(group)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        if out is None:  # nothing ran and the class count is unknown
+            raise ValueError("no tile was run and the network's number of classes is unknown (no out_channels)")
+        if averaged:
+            if count is not None:
+                out /= count.clamp_min(1).to(out.dtype)
+            else:
+                out /= len(passes)
+        if mask is not None:
+            keep = mask.to(out_device).float()
+            out.mul_(keep)
+            if self.activation != "sigmoid":
+                out[:, :1].add_(1.0 - keep)
+        cand = 1.0 if mask is None else float(mask.float().mean())
+        stats = {
+            "tiles_run": tiles_run,
+            "tiles_skipped": tiles_skipped,
+            "candidate_fraction": cand,
+            "runs_per_pass": runs_per_pass,
+        }
+        return out, stats
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.activation == "softmax":
+            return torch.softmax(logits, dim=1)
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return logits
+
+
+def _module_device(network: Callable) -> torch.device | None:
+    if isinstance(network, nn.Module):
+        for t in network.parameters():
+            return t.device
+        for t in network.buffers():
+            return t.device
+    return None
+
+
+def _out_channels(network: Callable) -> int | None:
+    """Number of output channels, read without a forward (``out_channels`` or the last convolution)."""
+    k = getattr(network, "out_channels", None)
+    if isinstance(k, int):
+        return k
+    if isinstance(network, nn.Module):
+        last = None
+        for mod in network.modules():
+            if isinstance(mod, (nn.Conv3d, nn.ConvTranspose3d)):
+                last = mod
+        if last is not None:
+            return int(last.out_channels)
+    return None
+
+
+def _available_ram_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
