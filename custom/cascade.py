@@ -27,7 +27,7 @@ from monai.inferers import Inferer
 from monai.transforms import Compose, Invertd
 
 from custom.candidates import candidate_region, organ_flags
-from custom.io import write_nifti_safely
+from custom.io import find_input_error, write_nifti_safely
 from custom.metrics import candidate_recall_fpr, dice_per_class
 
 logger = logging.getLogger(__name__)
@@ -325,14 +325,14 @@ class CascadeRunner:
         return out
 
     def _write_probabilities(self, prob: torch.Tensor, d: Mapping, path: Path) -> None:
-        # linear interpolation for probabilities (paper); channel-last 4D NIfTI, float16 to halve the size
+        # linear interpolation for probabilities (paper); channel-last 4D NIfTI (float32: NIfTI has no float16)
         inv = Invertd(keys="prob", transform=self.preprocessing, orig_keys="image", nearest_interp=False)
         p = MetaTensor(
             prob[0].float().cpu(), meta=dict(d["image"].meta), applied_operations=list(d["image"].applied_operations)
         )
         res = inv({"image": d["image"], "prob": p})["prob"].cpu().numpy()
         affine = np.asarray(d["image"].meta.get("original_affine", d["image"].affine), dtype=np.float64)
-        write_nifti_safely(np.moveaxis(res, 0, -1).astype(np.float16), affine, path, overwrite=self.overwrite)
+        write_nifti_safely(np.moveaxis(res, 0, -1).astype(np.float32), affine, path, overwrite=self.overwrite)
 
     def _evaluate(self, case, d, lab1, orig, preds) -> None:
         import nibabel as nib
@@ -376,6 +376,7 @@ class CascadeRunner:
             try:
                 results.append(self.run_case(case))
             except Exception as e:  # one bad case must not stop the batch
+                e = find_input_error(e) or e  # MONAI's Compose wraps errors: report the file and the problem
                 logger.error("case %s (%s) failed: %s", case.get("case_id"), case.get("image"), e)
                 logger.debug(traceback.format_exc())
                 self.failures.append({"case_id": case.get("case_id"), "image": str(case.get("image")), "error": str(e)})
