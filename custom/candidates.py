@@ -16,6 +16,7 @@ Spatial axes are (x, y, z) with z the axial (slice) axis, as MONAI's ``LoadImage
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "IGNORE_INDEX",
     "body_mask",
+    "opening_radii",
     "candidate_region",
     "organ_flags",
     "BodyMask",
@@ -89,26 +91,43 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == int(sizes.argmax())
 
 
-def _cube_morphology(mask: np.ndarray, n: int, erode: bool) -> np.ndarray:
-    """Binary erosion or dilation by a (2n+1)^3 cube, separable, with shifted views (no temporaries beyond two copies).
+def _cube_morphology(mask: np.ndarray, n: int | Sequence[int], erode: bool) -> np.ndarray:
+    """Binary erosion or dilation by a box of (2n_i+1) voxels along axis i, separable, with shifted views.
 
-    Equals ``n`` iterations of a 3x3x3 element; erosion treats voxels beyond the border as foreground, dilation as
-    background (``scipy.ndimage.minimum_filter(mode="nearest")`` / ``maximum_filter(mode="constant")``), ~3x faster.
+    With one ``n`` for all axes this equals ``n`` iterations of a 3x3x3 element. Erosion treats voxels beyond the border
+    as foreground, dilation as background (as ``scipy.ndimage.minimum_filter(mode="nearest")`` /
+    ``maximum_filter(mode="constant")``, which are ~3x slower here).
     """
     out = mask.astype(bool, copy=True)
-    if n <= 0:
-        return out
+    radii = [int(n)] * out.ndim if np.isscalar(n) else [int(r) for r in n]
     op = np.logical_and if erode else np.logical_or
-    for ax in range(out.ndim):
+    for ax, r in enumerate(radii):
+        if r <= 0:
+            continue
         src = out.copy()
         size = out.shape[ax]
-        for s in range(1, min(n, size - 1) + 1):
+        for s in range(1, min(r, size - 1) + 1):
             lo = [slice(None)] * out.ndim
             hi = list(lo)
             lo[ax], hi[ax] = slice(0, size - s), slice(s, size)
             lo, hi = tuple(lo), tuple(hi)
             op(out[lo], src[hi], out=out[lo])
             op(out[hi], src[lo], out=out[hi])
+    return out
+
+
+def _cross_dilation(mask: np.ndarray) -> np.ndarray:
+    """One step of dilation by the 6-neighbourhood (3D cross)."""
+    out = mask.copy()
+    for ax in range(mask.ndim):
+        size = mask.shape[ax]
+        if size < 2:
+            continue
+        lo = [slice(None)] * mask.ndim
+        hi = list(lo)
+        lo[ax], hi[ax] = slice(0, size - 1), slice(1, size)
+        out[tuple(lo)] |= mask[tuple(hi)]
+        out[tuple(hi)] |= mask[tuple(lo)]
     return out
 
 
@@ -125,24 +144,52 @@ def _fill_border_open_holes(mask: np.ndarray, structure: np.ndarray, border_axes
     return mask | ~outside[lab]
 
 
+def opening_radii(
+    opening_iterations: int = 2, opening_mm: float | None = None, spacing: Sequence[float] | None = None
+) -> tuple[int, int, int]:
+    """Per-axis opening radius in voxels: ``opening_iterations``, or ``opening_mm / spacing`` rounded half up.
+
+    >>> opening_radii(opening_mm=2.0, spacing=(0.98, 0.98, 2.0)), opening_radii(opening_mm=2.0, spacing=(6, 6, 8))
+    ((2, 2, 1), (0, 0, 0))
+    """
+    if opening_mm is None:
+        if opening_iterations < 0:
+            raise ValueError(f"opening_iterations must be >= 0, got {opening_iterations}")
+        return (int(opening_iterations),) * 3
+    if opening_mm < 0:
+        raise ValueError(f"opening_mm must be >= 0, got {opening_mm}")
+    if spacing is None or len(spacing) != 3 or min(float(v) for v in spacing) <= 0:
+        raise ValueError(f"opening_mm needs the voxel spacing (3 positive numbers), got {spacing}")
+    # rounded half up (2 mm at 0.8 mm: 3 voxels), with a tolerance for spacings read from float32 affines
+    return tuple(int(math.floor(float(opening_mm) / float(v) + 0.5 + 1e-6)) for v in spacing)  # type: ignore[return-value]
+
+
 def body_mask(
     image,
     threshold: float = -500.0,
     fill_holes: str = "slicewise",
     largest_component: bool = True,
     opening_iterations: int = 2,
+    opening_mm: float | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Body mask C1 of a CT in HU: ``image >= threshold``, opened, hole-filled, largest connected component.
 
     Steps (the authors' code, see module docstring):
 
     1. ``image >= threshold``; values outside the reconstruction circle (-2048, -3024) and NaN fall below it.
-    2. ``opening_iterations`` n > 0: erosion by a (2n+1)^3 cube (= n iterations of a 3x3x3 element), the largest
+    2. Opening with radius n > 0: erosion by a (2n+1)^3 cube (= n iterations of a 3x3x3 element), the largest
        connected component (when ``largest_component``), dilation by the same cube. This cuts thin bridges such as the
-       patient table and its mattress off the body. Unlike the authors' code, threshold voxels within n more voxels of
-       the opened body are then put back: an opening alone cuts thin body walls (measured on a 3 mm real CT: 1-2% of
-       the labelled voxels, colon gas, were lost through a wall the opening opened). Voxels beyond the volume border
-       count as body during erosion, so a body cut by the field of view is not eaten from its cut faces.
+       patient table and its mattress off the body. Unlike the authors' code, threshold voxels reachable from the
+       opened body in n steps through threshold voxels are then put back: an opening alone cuts thin body walls
+       (measured on the 3 mm real CTs: 1.1% and 2.3% of the labelled voxels, colon gas, were lost through a wall the
+       opening had cut). Voxels beyond the volume border count as body during erosion, so a body cut by the field of
+       view is not eaten from its faces.
+       n is ``opening_iterations`` voxels (the authors: 2, on ~0.7-1 mm voxels), or, with ``opening_mm`` and
+       ``spacing``, ``opening_mm / spacing`` rounded per axis: a fixed number of voxels is a different size on every
+       grid, and at 6 mm an n = 2 opening (a 30 mm cube) cuts the ribs and the wall around the stomach gas (measured
+       on the tiny phantoms: 2.8% of the labelled voxels lost). At >= 4 mm spacing ``opening_mm=2`` gives n = 0:
+       no opening, a separate table is then removed by the largest component alone.
     3. ``fill_holes``: ``"slicewise"`` fills, in every axial slice, the background enclosed in that slice (lungs and
        bowel gas reaching the first or last slice too; this includes every cavity closed in 3D); ``"3d"`` fills only
        cavities that touch no face of the volume (MONAI's ``FillHoles``); ``"none"`` skips this. Cavities that touch the
@@ -154,7 +201,9 @@ def body_mask(
         threshold: HU threshold; -500 separates tissue (and fat, -100) from air (-1000).
         fill_holes: ``"slicewise"``, ``"3d"`` or ``"none"``.
         largest_component: keep only the largest connected component.
-        opening_iterations: size n of the opening (0: no opening).
+        opening_iterations: opening radius n in voxels (0: no opening); ignored when ``opening_mm`` is given.
+        opening_mm: opening radius in mm (needs ``spacing``).
+        spacing: voxel size in mm along (x, y, z).
 
     Returns:
         bool array (X, Y, Z).
@@ -165,40 +214,46 @@ def body_mask(
     """
     if fill_holes not in FILL_MODES:
         raise ValueError(f"fill_holes must be one of {FILL_MODES}, got {fill_holes!r}")
-    if opening_iterations < 0:
-        raise ValueError(f"opening_iterations must be >= 0, got {opening_iterations}")
+    radii = opening_radii(opening_iterations, opening_mm, spacing)
     img = _spatial(_to_numpy(image), "image")
     full = img >= threshold  # NaN compares False
     if not full.any():
         return full
     # work inside the bounding box of the threshold mask, grown by the erosion size so that erosion and hole filling
     # see the same background as in the whole volume (2-3x faster when the body is smaller than the field of view)
-    box = _bbox(full, max(int(opening_iterations), 1))
+    box = _bbox(full, [max(r, 1) for r in radii])
     out = np.zeros_like(full)
-    out[box] = _body_mask_core(full[box], fill_holes, largest_component, int(opening_iterations))
+    out[box] = _body_mask_core(full[box], fill_holes, largest_component, radii)
     return out
 
 
-def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """Bounding box of a non-empty mask, grown by ``margin`` voxels and clipped to the array."""
+def _bbox(mask: np.ndarray, margin: int | Sequence[int]) -> tuple[slice, ...]:
+    """Bounding box of a non-empty mask, grown by ``margin`` voxels (per axis) and clipped to the array."""
+    margins = [int(margin)] * mask.ndim if np.isscalar(margin) else [int(m) for m in margin]
     box = []
     for ax in range(mask.ndim):
         idx = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))[0]
-        box.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + margin + 1, mask.shape[ax])))
+        box.append(slice(max(int(idx[0]) - margins[ax], 0), min(int(idx[-1]) + margins[ax] + 1, mask.shape[ax])))
     return tuple(box)
 
 
-def _body_mask_core(mask: np.ndarray, fill_holes: str, largest_component: bool, n: int) -> np.ndarray:
+def _body_mask_core(mask: np.ndarray, fill_holes: str, largest_component: bool, radii: Sequence[int]) -> np.ndarray:
     lcc_done = False
-    if n > 0:
-        core = _cube_morphology(mask, n, erode=True)
+    if max(radii) > 0:
+        core = _cube_morphology(mask, radii, erode=True)
         if largest_component and core.any():
             core = _largest_component(core)
             lcc_done = True
-        # dilating twice (opening, then n more voxels) and keeping only threshold voxels puts back thin walls next to
-        # the body that the opening cut (at 3 mm a colon wall can be thinner than the cube and open the gas to the
-        # outside air) while a table more than n voxels away stays off
-        mask = mask & _cube_morphology(core, 2 * n, erode=False)
+        opened = _cube_morphology(core, radii, erode=False) & mask
+        # then grow n more steps, but only through threshold voxels: this puts back thin walls next to the body that
+        # the opening cut (at 3 mm a colon wall can be thinner than the cube and open the gas to the outside air),
+        # while a table behind an air gap is never reached and one behind a bridge gets a stub of n voxels at most
+        for _ in range(max(radii)):
+            grown = _cross_dilation(opened) & mask  # 6-connected steps, as the components are counted
+            if np.array_equal(grown, opened):
+                break
+            opened = grown
+        mask = opened
         if not mask.any():
             return mask
     if fill_holes == "slicewise":
@@ -360,6 +415,15 @@ def candidate_region(
     return out
 
 
+def _spacing(img) -> tuple[float, float, float]:
+    """Voxel size (mm) from a MetaTensor's affine; 1 mm for arrays without one (MONAI's default affine)."""
+    if isinstance(img, MetaTensor):
+        aff = img.affine.detach().cpu().double().numpy()
+        if aff.ndim == 2:
+            return tuple(float(v) for v in np.linalg.norm(aff[:3, :3], axis=0))  # type: ignore[return-value]
+    return (1.0, 1.0, 1.0)
+
+
 def _as_mask_like(mask: np.ndarray, ref) -> torch.Tensor:
     """(1, X, Y, Z) uint8 tensor; a MetaTensor with ``ref``'s meta (affine, applied operations) when ``ref`` is one."""
     t = torch.from_numpy(np.ascontiguousarray(mask[None].astype(np.uint8)))
@@ -374,7 +438,9 @@ class BodyMask(Transform):
     """Array transform of :func:`body_mask`: HU image (1, X, Y, Z) -> uint8 mask (1, X, Y, Z) with the image's meta.
 
     The mask keeps the image's affine and applied operations, so spatial transforms and ``Invertd`` treat it like the
-    image (use nearest interpolation for it).
+    image (use nearest interpolation for it). The opening is ``opening_mm`` (default 2 mm: the authors' 2 voxels of
+    ~1 mm) per axis at the voxel spacing of the image's affine (1 mm without one); ``opening_mm=None`` uses
+    ``opening_iterations`` voxels on every grid instead (see :func:`body_mask`).
 
     >>> img = torch.full((1, 16, 16, 4), -1000.0); img[:, 3:13, 3:13] = 0.0
     >>> BodyMask()(img).shape, int(BodyMask()(img).sum())
@@ -387,18 +453,22 @@ class BodyMask(Transform):
         fill_holes: str = "slicewise",
         largest_component: bool = True,
         opening_iterations: int = 2,
+        opening_mm: float | None = 2.0,
     ):
         if fill_holes not in FILL_MODES:
             raise ValueError(f"fill_holes must be one of {FILL_MODES}, got {fill_holes!r}")
+        opening_radii(opening_iterations, opening_mm, (1.0, 1.0, 1.0))  # argument check
         self.kwargs = dict(
             threshold=threshold,
             fill_holes=fill_holes,
             largest_component=largest_component,
             opening_iterations=opening_iterations,
+            opening_mm=opening_mm,
         )
 
     def __call__(self, img) -> torch.Tensor:
-        return _as_mask_like(body_mask(img, **self.kwargs), img)
+        spacing = _spacing(img) if self.kwargs["opening_mm"] is not None else None
+        return _as_mask_like(body_mask(img, spacing=spacing, **self.kwargs), img)
 
 
 class BodyMaskd(MapTransform):
@@ -420,13 +490,14 @@ class BodyMaskd(MapTransform):
         fill_holes: str = "slicewise",
         largest_component: bool = True,
         opening_iterations: int = 2,
+        opening_mm: float | None = 2.0,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"BodyMaskd takes one image key, got {self.keys}")
         self.mask_key = mask_key
-        self.op = BodyMask(threshold, fill_holes, largest_component, opening_iterations)
+        self.op = BodyMask(threshold, fill_holes, largest_component, opening_iterations, opening_mm)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

@@ -18,6 +18,7 @@ from custom.candidates import (
     MaskLabeld,
     body_mask,
     candidate_region,
+    opening_radii,
     organ_flags,
 )
 from custom.loss import IGNORE_INDEX
@@ -81,6 +82,44 @@ class TestBodyMask:
     def test_bridge_needs_opening(self):
         ct = make_ct(bridge=True)
         assert body_mask(ct["image"], opening_iterations=0)[ct["table"]].all()  # one component with the table
+
+    def test_diagonal_contact_is_not_a_connection(self):
+        ct = make_ct()
+        img = ct["image"].copy()
+        img[31, 13:21] = 100.0  # bridge from the table up to y = 20, touching the body (y >= 22) only diagonally
+        img[32, 21] = 100.0
+        m = body_mask(img)
+        assert not m[ct["table"]].any() and m[ct["body"]].all()
+
+    @parameterized.expand(
+        [
+            ("iterations", {"opening_iterations": 3}, (3, 3, 3)),
+            ("mm_iso", {"opening_mm": 2.0, "spacing": (1.0, 1.0, 1.0)}, (2, 2, 2)),
+            ("mm_half_up", {"opening_mm": 2.0, "spacing": (0.8, 0.8, 2.0)}, (3, 3, 1)),
+            ("mm_coarse", {"opening_mm": 2.0, "spacing": (6.0, 6.0, 8.0)}, (0, 0, 0)),
+        ]
+    )
+    def test_opening_radii(self, _name, kwargs, expected):
+        assert opening_radii(**kwargs) == expected
+
+    @parameterized.expand(
+        [({"opening_mm": 2.0},), ({"opening_mm": -1.0, "spacing": (1, 1, 1)},), ({"opening_iterations": -1},)]
+    )
+    def test_opening_radii_errors(self, kwargs):
+        with pytest.raises(ValueError):
+            opening_radii(**kwargs)
+
+    @parameterized.expand([((1.0, 1.0, 1.0),), ((0.8, 0.8, 3.0),), ((6.0, 6.0, 8.0),)])
+    def test_transform_opening_follows_spacing(self, spacing):
+        ct = make_ct(bridge=True)
+        img = MetaTensor(torch.from_numpy(ct["image"])[None], affine=torch.diag(torch.tensor([*spacing, 1.0])))
+        got = BodyMask()(img)[0].numpy().astype(bool)
+        np.testing.assert_array_equal(got, body_mask(ct["image"], opening_mm=2.0, spacing=spacing))
+        expected_iter = opening_radii(opening_mm=2.0, spacing=spacing)
+        if len(set(expected_iter)) == 1:
+            np.testing.assert_array_equal(got, body_mask(ct["image"], opening_iterations=expected_iter[0]))
+        voxels = BodyMask(opening_mm=None, opening_iterations=1)(img)[0].numpy().astype(bool)
+        np.testing.assert_array_equal(voxels, body_mask(ct["image"], opening_iterations=1))
 
     def test_torch_channel_first_and_empty(self):
         ct = make_ct()
@@ -345,11 +384,17 @@ class TestMaskLabel:
             MaskLabel()(torch.zeros(1, 4, 4, 4), torch.ones(1, 4, 4, 5))
 
 
-def test_phantom_body_mask():
+@parameterized.expand([(0,), (3,)])
+def test_phantom_body_mask(seed):
     phantom = pytest.importorskip("custom.phantom")
-    ph = phantom.generate_phantom(0, labels="paper", preset="tiny")
-    image = np.asarray(ph.image, dtype=np.float32).squeeze()
-    label = np.asarray(ph.label).squeeze()
-    m = body_mask(image)
-    assert m[label > 0].all()
-    assert 0.05 < m.mean() < 0.9
+    ph = phantom.generate_phantom(seed, labels="paper", preset="tiny")
+    image = MetaTensor(torch.from_numpy(ph.image.astype(np.float32))[None], affine=torch.as_tensor(ph.affine))
+    c1 = BodyMask()(image)[0].numpy().astype(bool)  # 2 mm opening: none at the tiny phantoms' ~6 mm voxels
+    assert c1[ph.label > 0].all()
+    # bright voxels not connected to any organ: the table shell (and specks of noise); C1 takes none of them
+    lab, n = ndimage.label(ph.image >= -500)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    organ = np.bincount(lab[ph.label > 0], minlength=n + 1) > 0
+    table = np.isin(lab, np.nonzero((sizes >= 30) & ~organ)[0])
+    assert table.sum() > 300 and not c1[table].any()
+    assert 0.3 < c1.mean() < 0.6
