@@ -7,8 +7,11 @@ their voxels (the label is set to :data:`custom.loss.IGNORE_INDEX` = 255 outside
 C1 follows the authors' code: threshold, 3D opening with the largest connected component taken between erosion and
 dilation (this cuts the patient table off the body), hole filling (slice-wise in axial slices, so that air cavities open
 at the first or last slice - lungs, bowel gas - are filled too; MONAI's ``FillHoles`` is 3D and leaves those), and the
-largest connected component. C2 is the stage-1 argmax foreground dilated by ``r`` voxels (paper: r = 3) and intersected
-with C1. All morphology runs in ``scipy.ndimage`` on the CPU.
+largest connected component. Two changes, both measured (see :func:`body_mask`): the opening radius is given in mm in
+the transforms (2 mm, the authors' 2 voxels of ~1 mm), and threshold voxels next to the opened body are grown back,
+so that thin body walls are not cut open. C2 is the stage-1 argmax foreground dilated by ``r`` voxels (paper: r = 3)
+and intersected with C1. Everything runs on the CPU: separable binary morphology on numpy views and
+``scipy.ndimage.label``; about 0.3-0.6 s CPU for C1 of a 256x256x200 volume, 3-5 s at 512x512x400.
 
 Spatial axes are (x, y, z) with z the axial (slice) axis, as MONAI's ``LoadImage`` + ``Orientation("RAS")`` give them.
 """

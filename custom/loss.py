@@ -68,6 +68,20 @@ def _check_labels(label: torch.Tensor, valid: torch.Tensor, num_classes: int, ig
         )
 
 
+def _class_counts(tgt: torch.Tensor, valid: torch.Tensor, k: int, use_bincount: bool | None = None) -> torch.Tensor:
+    """(B, K) voxel counts per sample and class among ``valid`` voxels of ``tgt`` (B, ...).
+
+    ``torch.bincount`` on CUDA has no deterministic implementation (it raises under
+    ``torch.use_deterministic_algorithms(True)``); there, K comparisons are cheap for a training batch.
+    """
+    b = tgt.shape[0]
+    if use_bincount if use_bincount is not None else tgt.device.type == "cpu":
+        offset = torch.arange(b, device=tgt.device).view(-1, *([1] * (tgt.ndim - 1))) * k
+        return torch.bincount((tgt + offset)[valid], minlength=b * k).view(b, k)
+    flat, vflat = tgt.reshape(b, -1), valid.reshape(b, -1)
+    return torch.stack([((flat == c) & vflat).sum(1) for c in range(k)], 1)
+
+
 def _lambdas(counts: torch.Tensor) -> torch.Tensor:
     """Eq. 3 from class counts (..., K); a region without voxels gives 1/(K-1) for every class."""
     k = counts.shape[-1]
@@ -96,8 +110,7 @@ def class_weights(label, num_classes: int, ignore_index: int = IGNORE_INDEX) -> 
     lab = lab.detach().reshape(-1).to(torch.int64)
     valid = lab != ignore_index
     _check_labels(lab, valid, k, ignore_index)
-    counts = torch.bincount(lab[valid], minlength=k)
-    return _lambdas(counts)
+    return _lambdas(_class_counts(lab[None], valid[None], k)[0])
 
 
 class ClassWeightsd(MapTransform):
@@ -232,11 +245,9 @@ class CandidateWeightedCELoss(_Loss):
         if self.weighting == "none":
             lam = torch.ones(b, k, device=tgt.device)
         elif self.weighting == "batch":
-            lam = _lambdas(torch.bincount(tgt[valid], minlength=k)).expand(b, k)
+            lam = _lambdas(_class_counts(tgt, valid, k).sum(0)).expand(b, k)
         elif self.weighting == "sample":
-            offset = torch.arange(b, device=tgt.device).view(-1, *([1] * (tgt.ndim - 1))) * k
-            counts = torch.bincount((tgt + offset)[valid], minlength=b * k).view(b, k)
-            lam = _lambdas(counts)
+            lam = _lambdas(_class_counts(tgt, valid, k))
         else:
             w = class_weights
             if w is None:

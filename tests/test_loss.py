@@ -14,6 +14,7 @@ from custom.loss import (
     CandidateDiceCELoss,
     CandidateWeightedCELoss,
     ClassWeightsd,
+    _class_counts,
     class_weights,
 )
 
@@ -80,6 +81,18 @@ def test_class_weights_random(k, seed):
     _, target = _case(seed, k=k)
     np.testing.assert_allclose(class_weights(torch.from_numpy(target), k).numpy(), _lambdas(target, k), rtol=1e-6)
     assert float(class_weights(target.astype(np.float32), k).sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+@parameterized.expand([(1,), (3,)])
+def test_counting_paths_agree(b):
+    _, target = _case(13, b=b, k=5)
+    tgt = torch.from_numpy(target)
+    valid = tgt != IGNORE_INDEX
+    by_bincount = _class_counts(tgt, valid, 5, use_bincount=True)
+    by_compare = _class_counts(tgt, valid, 5, use_bincount=False)  # the CUDA path (deterministic)
+    torch.testing.assert_close(by_bincount, by_compare)
+    expected = [[int(((target[i] == c) & (target[i] != 255)).sum()) for c in range(5)] for i in range(b)]
+    assert by_bincount.tolist() == expected
 
 
 def test_class_weights_empty_region_and_errors():
@@ -314,3 +327,26 @@ def test_dice_ce_volume_weighting_reads_meta():
     y.meta["class_weights"] = torch.from_numpy(vol)
     got = CandidateDiceCELoss(3, weighting="volume")(torch.from_numpy(logits), y)
     assert float(got) == pytest.approx(ref_ce(logits, target, "volume", vol) + ref_dice(logits, target), rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_deterministic_bf16_autocast():
+    """On CUDA: same value as on the CPU, under deterministic algorithms and bf16 autocast, weights from meta."""
+    logits, target = _case(12, b=2, k=4, shape=(12, 10, 8))
+    vol = np.random.default_rng(2).dirichlet(np.ones(4), size=2).astype(np.float32)
+    y = MetaTensor(torch.from_numpy(target)[:, None])
+    y.meta["class_weights"] = torch.from_numpy(vol)  # stays on the CPU, as after collation
+    torch.use_deterministic_algorithms(True)
+    try:
+        for weighting in ("batch", "sample", "volume"):
+            for cls in (CandidateWeightedCELoss, CandidateDiceCELoss):
+                loss = cls(4, weighting=weighting)
+                cpu = loss(torch.from_numpy(logits), y)
+                x = torch.from_numpy(logits).cuda().requires_grad_(True)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    gpu = loss(x.bfloat16(), y.cuda())
+                gpu.backward()
+                assert gpu.dtype == torch.float32 and torch.isfinite(x.grad).all()
+                assert float(gpu) == pytest.approx(float(cpu), rel=2e-2)  # bf16 rounding of the logits
+    finally:
+        torch.use_deterministic_algorithms(False)
