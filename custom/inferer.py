@@ -50,7 +50,7 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 from torch import nn
 
-from custom.network import ValidUNet3D, fold_batchnorm
+from custom.network import ValidUNet3D, fold_batchnorm, forward_flops
 
 __all__ = ["ValidTiledInferer", "TilePass", "estimate_tile_bytes", "max_activation_elements"]
 
@@ -86,15 +86,19 @@ def estimate_tile_bytes(
     batch: int = 1,
     elem_bytes: int = 4,
     folded: bool = True,
+    channels_last: bool = True,
+    device_type: str = "cpu",
 ) -> int:
     """Estimated peak memory (bytes) of one inference forward of :class:`ValidUNet3D` on ``batch`` tiles.
 
     Follows the live tensors of the eager forward at its two peaks: the end of the first level (input, first
     convolution output, first skip) and the last decoder level (all skips, up-convolution output, concatenation,
-    convolution output); an unfolded BatchNorm adds one more tensor the size of its convolution's output. The float32
-    probabilities and logits of the output tile are added, and a factor 1.5 covers library workspaces: measured CPU
-    peaks (torch 2.13, oneDNN) were 0.5-1.0 of this estimate for f = 8 and 32, float32 and bfloat16, with or without
-    BatchNorm folding, channels-last (the default); bfloat16 in NCDHW reached 1.4x. Not calibrated on CUDA yet.
+    convolution output); an unfolded BatchNorm adds one more tensor the size of its convolution's output; the float32
+    logits and probabilities of the output tile are added. The library's own buffers (oneDNN reorders, im2col) come
+    on top, as a factor measured on this project's CPUs (torch 2.13, f = 8 and 32, inputs 132-220 voxels; measured
+    peak / tensor count: bfloat16 channels-last 0.88-0.92, float32 channels-last 0.90-1.20, float32 NCDHW 1.17-1.48,
+    bfloat16 NCDHW 2.06), with about 15 % to spare. On CUDA the factor is a guess (1.5): cuDNN workspaces are not
+    calibrated yet.
     """
     f = features
     n = [int(s) for s in in_size]
@@ -110,9 +114,14 @@ def estimate_tile_bytes(
     skips = 2 * f * n2 + 4 * f * n3 + 8 * f * n4
     dec = skips + 4 * f * m + 6 * f * m + 2 * f * m * (1 + extra)
     pooled = 2 * f * n2p + 4 * f * n3p  # small next to the rest
-    peak = max(enc, dec) + pooled
-    out = 2 * out_channels * m * 4 // elem_bytes  # logits and probabilities in float32
-    return int(batch * (peak + out) * elem_bytes * 1.5)
+    peak = (max(enc, dec) + pooled) * elem_bytes + 2 * out_channels * m * 4  # + logits and probabilities (float32)
+    if device_type != "cpu":
+        factor = 1.5
+    elif channels_last:
+        factor = 1.05 if elem_bytes == 2 else 1.4
+    else:
+        factor = 2.4 if elem_bytes == 2 else 1.7
+    return int(batch * peak * factor)
 
 
 @dataclass
@@ -261,20 +270,13 @@ class ValidTiledInferer(Inferer):
         # Output domain of the pass: image coordinates [-shift, -shift + M), M = smallest valid output >= size + shift.
         # Tiles start at multiples of `align` from the domain origin; the last one ends at M (also a multiple of align
         # away, since M and the tile size are both min_output mod align).
-        min_tile = _valid_outputs_from(self.align, self.min_output, self.align)  # stride must be >= align
+        min_tile = self._min_tile()
         axes_starts, axes_write, tiles = [], [], []
         for n, w, s in zip(size, wanted, shift, strict=True):
             dom = _valid_outputs_from(n + s, self.min_output, self.align)
             t = min(dom, max(self._round_down_output(int(w)), min_tile))
-            if t >= dom:
-                t, count = dom, 1
-            else:
-                stride = (t // self.align) * self.align
-                count = math.ceil((dom - t) / stride) + 1
-                # rebalance: the smallest valid tile that still covers the domain with `count` tiles
-                t = min_tile
-                while (count - 1) * ((t // self.align) * self.align) + t < dom:
-                    t += self.align
+            count = 1 if t >= dom else math.ceil((dom - t) / ((t // self.align) * self.align)) + 1
+            t = self._tile_for_count(dom, count)  # rebalance: the smallest tile that covers with `count` tiles
             stride = (t // self.align) * self.align
             starts = [min(k * stride, dom - t) for k in range(count)]
             bounds = starts[1:] + [dom]
@@ -326,28 +328,66 @@ class ValidTiledInferer(Inferer):
         features: int = 32,
         elem_bytes: int = 4,
         folded: bool = True,
+        device_type: str = "cpu",
     ) -> tuple[int, int, int]:
-        """Largest output tile (aligned mode) whose batch of ``sw_batch_size`` tiles fits ``budget_bytes``.
+        """The output tile (aligned mode) with the fewest total FLOPs whose batch of tiles fits ``budget_bytes``.
 
-        Starts from the whole volume and shrinks the longest input side by ``align`` until the estimate of
-        :func:`estimate_tile_bytes` fits and no activation exceeds 2**31 elements; near-cubic inputs keep the
-        88-voxel halo overhead smallest.
+        For every number of tiles per axis the tile is the smallest that covers the domain (see :meth:`plan`); among
+        the combinations whose :func:`estimate_tile_bytes` fits and whose largest activation stays below 2**31
+        elements, the one with the least ``tiles x forward_flops(tile)`` wins: large, near-cubic tiles, because the
+        88-voxel halo is paid once per tile. Falls back to the smallest tile when nothing fits.
         """
-        min_tile = _valid_outputs_from(self.align, self.min_output, self.align)
-        tile = [_valid_outputs_from(int(n), self.min_output, self.align) for n in spatial_size]
+        min_tile = self._min_tile()
+        doms = [_valid_outputs_from(int(n), self.min_output, self.align) for n in spatial_size]
+        options = [self._axis_options(d) for d in doms]
 
-        def fits(t: list[int]) -> bool:
+        def fits(t: tuple[int, ...]) -> bool:
             ins = [x + 2 * self.margin for x in t]
             b = self.sw_batch_size
-            est = estimate_tile_bytes(ins, in_channels, out_channels, features, b, elem_bytes, folded)
+            est = estimate_tile_bytes(
+                ins, in_channels, out_channels, features, b, elem_bytes, folded, self.channels_last, device_type
+            )
             return est <= budget_bytes and max_activation_elements(ins, features, 1) <= _MAX_ELEMENTS
 
-        while not fits(tile):
-            ax = max(range(3), key=lambda a: (tile[a], -a))
-            if tile[ax] <= min_tile:
-                break  # the smallest tile: run it even if over budget
-            tile[ax] -= self.align
-        return tuple(max(t, min_tile) for t in tile)
+        best: tuple[tuple[int, int], tuple[int, int, int]] | None = None
+        for cx, tx in options[0]:
+            for cy, ty in options[1]:
+                for cz, tz in options[2]:  # ascending counts: the first fit is the largest z tile for (x, y)
+                    tile = (tx, ty, tz)
+                    if fits(tile):
+                        ins = [t + 2 * self.margin for t in tile]
+                        cost = cx * cy * cz * forward_flops(ins, in_channels, out_channels, features)
+                        if best is None or (cost, cx * cy * cz) < best[0]:
+                            best = ((cost, cx * cy * cz), tile)
+                        break
+        if best is None:
+            return tuple(min(min_tile, d) for d in doms)
+        return best[1]
+
+    def _min_tile(self) -> int:
+        """Smallest output tile that tiles a larger domain (its stride must be at least ``align``)."""
+        return _valid_outputs_from(self.align, self.min_output, self.align)
+
+    def _tile_for_count(self, dom: int, count: int) -> int:
+        """Smallest valid tile such that ``count`` tiles at multiple-of-``align`` offsets cover ``dom`` voxels."""
+        if count <= 1:
+            return dom
+        t = self._min_tile()
+        while (count - 1) * ((t // self.align) * self.align) + t < dom:
+            t += self.align
+        return t
+
+    def _axis_options(self, dom: int) -> list[tuple[int, int]]:
+        """(tile count, tile size) pairs along one axis, by ascending count and strictly descending tile size."""
+        opts: list[tuple[int, int]] = []
+        count = 1
+        while True:
+            t = self._tile_for_count(dom, count)
+            if not opts or t < opts[-1][1]:
+                opts.append((count, t))
+            if t <= self._min_tile():
+                return opts
+            count += 1
 
     # ---------------------------------------------------------------------------------------------------- running
     def _default_budget(self, device: torch.device, output_bytes: int) -> float:
@@ -424,6 +464,7 @@ class ValidTiledInferer(Inferer):
                     features=int(getattr(network, "features", 32)),
                     elem_bytes=elem,
                     folded=folded,
+                    device_type=device.type,
                 )
             passes = self.plan(spatial, tile)
             out, stats = self._run(x, net, passes, mask, device, out_device, cast, out_channels)

@@ -5,6 +5,7 @@ Kaiming-initialised narrow networks (features=4) with random BatchNorm statistic
 
 from __future__ import annotations
 
+import math
 import unittest
 
 import numpy as np
@@ -14,7 +15,7 @@ from monai.data import MetaTensor
 from parameterized import parameterized
 
 from custom.inferer import ValidTiledInferer, estimate_tile_bytes, max_activation_elements
-from custom.network import ValidUNet3D, valid_input_size_for_output
+from custom.network import ValidUNet3D, forward_flops, valid_input_size_for_output
 from tests.test_network import randomize_bn
 
 K = 3
@@ -105,19 +106,23 @@ class TestAlignedTiling(unittest.TestCase):
 
     def test_memory_budget_chooses_tiles(self):
         inferer = ValidTiledInferer()
-        size = (250, 250, 200)
-        big = inferer.choose_tile_size(size, 1e15, features=4)
-        self.assertEqual(big, (252, 252, 204))  # the whole domain when memory is plentiful
-        budget = 2e9
-        tile = inferer.choose_tile_size(size, budget, features=32, elem_bytes=2)
-        ins = [t + 88 for t in tile]
-        self.assertLessEqual(estimate_tile_bytes(ins, features=32, elem_bytes=2), budget)
-        grown = [t + 88 + 8 for t in tile]
-        self.assertGreater(estimate_tile_bytes(grown, features=32, elem_bytes=2), budget)  # largest that fits
-        self.assertTrue(all(t % 8 == 4 for t in tile))
-        self.assertLessEqual(max(tile) - min(tile), 8)  # near-cubic
-        small = inferer.choose_tile_size(size, 1.0, features=32)
-        self.assertEqual(small, (12, 12, 12))
+        size = (256, 256, 250)
+        self.assertEqual(inferer.choose_tile_size((250, 250, 200), 1e15, features=4), (252, 252, 204))  # one tile
+        previous = None
+        for gb in (1, 2, 4, 8):
+            budget = gb * 2**30
+            tile = inferer.choose_tile_size(size, budget, features=32, elem_bytes=2)
+            self.assertTrue(all(t % 8 == 4 for t in tile), tile)
+            ins = [t + 88 for t in tile]
+            self.assertLessEqual(estimate_tile_bytes(ins, features=32, elem_bytes=2), budget)
+            total = len(inferer.plan(size, tile)[0].starts) * forward_flops(ins)
+            if previous is not None:
+                self.assertLessEqual(total, previous)  # more memory never costs more FLOPs
+            previous = total
+            if gb == 4:  # the CPU default: 8 tiles of 132^3, 3.2 MFLOP per voxel (paper tiles: 9.7 per output voxel)
+                self.assertEqual(tile, (132, 132, 132))
+                self.assertLess(total / math.prod(size), 3.3e6)
+        self.assertEqual(inferer.choose_tile_size(size, 1.0, features=32), (12, 12, 12))
 
     def test_element_cap(self):
         tile = ValidTiledInferer().choose_tile_size((600, 600, 600), 1e15, features=32)
