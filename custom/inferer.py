@@ -171,6 +171,9 @@ class ValidTiledInferer(Inferer):
         margin: voxels lost per side by the network (44).
         align: shift-equivariance period of the network (8).
         min_output: smallest output size of the network (4); valid output sizes are ``min_output + align * k``.
+        mask_from_last_channel: take the candidate mask from the last input channel and give the network the others.
+            Lets a bundle pass C1/C2 through evaluators that only call ``inferer(inputs, network)``: concatenate the
+            mask to the image (``ConcatItemsd``) and set this flag.
 
     Call: ``inferer(inputs (B, C, X, Y, Z), network, mask=None) -> MetaTensor (B, K, X, Y, Z)``. After each call
     ``last_stats`` holds ``tiles_run``, ``tiles_skipped``, ``candidate_fraction``, ``seconds``, ``mode``,
@@ -196,6 +199,7 @@ class ValidTiledInferer(Inferer):
         margin: int = 44,
         align: int = 8,
         min_output: int = 4,
+        mask_from_last_channel: bool = False,
     ) -> None:
         super().__init__()
         if mode not in ("aligned", "paper"):
@@ -230,6 +234,7 @@ class ValidTiledInferer(Inferer):
         self.margin = int(margin)
         self.align = int(align)
         self.min_output = int(min_output)
+        self.mask_from_last_channel = bool(mask_from_last_channel)
         self.last_stats: dict[str, Any] = {}
         self._fold_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if mode == "paper":
@@ -423,6 +428,10 @@ class ValidTiledInferer(Inferer):
         if inputs.dim() != 5:
             raise ValueError(f"inputs must be (B, C, X, Y, Z), got shape {tuple(inputs.shape)}")
         batch, _, *spatial = inputs.shape
+        if self.mask_from_last_channel:
+            if mask is not None or inputs.shape[1] < 2:
+                raise ValueError("mask_from_last_channel needs >= 2 input channels and no separate mask")
+            mask, inputs = inputs[:, -1:], inputs[:, :-1]
         if mask is not None:
             mask = torch.as_tensor(mask)
             if mask.dim() != 5 or mask.shape[0] != batch or mask.shape[1] != 1 or list(mask.shape[2:]) != spatial:

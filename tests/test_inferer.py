@@ -9,9 +9,11 @@ import math
 import unittest
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
+from monai.data import MetaTensor, decollate_batch, list_data_collate
+from monai.transforms import Compose, EnsureTyped, Invertd, Zoomd
 from parameterized import parameterized
 
 from custom.inferer import ValidTiledInferer, estimate_tile_bytes, max_activation_elements
@@ -201,6 +203,18 @@ class TestMasksMetaAndState(unittest.TestCase):
         self.assertEqual(inferer.last_stats["candidate_fraction"], 0.0)
         self.assertTrue(bool((got[:, 0] == 1).all()) and bool((got[:, 1:] == 0).all()))
 
+    def test_mask_from_last_channel(self):
+        x = torch.randn(1, 1, 6, 5, 7, generator=torch.Generator().manual_seed(8))
+        mask = torch.zeros(1, 1, 6, 5, 7)
+        mask[..., 1:4, 1:3, 2:5] = 1
+        inferer = ValidTiledInferer(amp=False, mask_from_last_channel=True)
+        got = inferer(torch.cat([x, mask], 1), NET).as_tensor()
+        ref = ValidTiledInferer(amp=False)(x, NET, mask=mask).as_tensor()
+        torch.testing.assert_close(got, ref)
+        self.assertAlmostEqual(inferer.last_stats["candidate_fraction"], float(mask.mean()))
+        with self.assertRaisesRegex(ValueError, "mask_from_last_channel"):
+            inferer(x, NET)
+
     def test_metatensor_state_and_stats(self):
         net = make_net(5)
         net.train()
@@ -224,6 +238,19 @@ class TestMasksMetaAndState(unittest.TestCase):
         self.assertEqual(st["mode"], "aligned")
         torch.testing.assert_close(got.as_tensor().sum(1), torch.ones(1, 7, 6, 5))  # probabilities
 
+    def test_invertd_restores_input_geometry(self):
+        """Batched MetaTensor in, Invertd of the downsampling out: the original shape and affine come back."""
+        affine = torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0]))
+        img = MetaTensor(torch.randn(1, 14, 12, 10), affine=affine, meta={"filename_or_obj": "a.nii.gz"})
+        pre = Compose([EnsureTyped(keys="image"), Zoomd(keys="image", zoom=0.5, keep_size=False)])
+        batch = list_data_collate([pre({"image": img})])
+        pred = ValidTiledInferer(amp=False)(batch["image"], NET)
+        self.assertTrue(pred.is_batch)
+        item = decollate_batch({"image": batch["image"], "pred": pred})[0]
+        out = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(item)["pred"]
+        self.assertEqual(tuple(out.shape), (K, 14, 12, 10))
+        np.testing.assert_allclose(out.affine.numpy(), affine.numpy())
+
     def test_bf16_close_to_fp32(self):
         x = torch.randn(1, 1, 9, 8, 7, generator=torch.Generator().manual_seed(6))
         fp32 = ValidTiledInferer(amp=False)(x, NET).as_tensor()
@@ -244,6 +271,23 @@ class TestMasksMetaAndState(unittest.TestCase):
         fresh, _, _ = inferer._compute_net(net, torch.device("cpu"))
         self.assertIsNot(fresh, first)
         torch.testing.assert_close(fresh.head.conv.bias, net.head.conv.bias)
+
+
+@pytest.mark.gpu
+class TestCuda(unittest.TestCase):
+    def test_cuda_matches_one_pass_and_bf16_close(self):
+        torch.backends.cudnn.allow_tf32 = False
+        net = make_net().cuda()
+        x = torch.randn(1, 1, 30, 25, 17, generator=torch.Generator().manual_seed(9))
+        ref = one_pass(NET, x)
+        got = ValidTiledInferer(tile_size=(20, 20, 12), amp=False, output_device="cpu")(x.cuda(), net)
+        self.assertEqual(got.device.type, "cpu")
+        torch.testing.assert_close(got.as_tensor(), ref, rtol=1e-4, atol=1e-5)
+        inferer = ValidTiledInferer(amp=True)
+        bf16 = inferer(x.cuda(), net, mask=torch.ones(1, 1, 30, 25, 17, device="cuda"))
+        self.assertEqual(bf16.device.type, "cuda")
+        self.assertEqual(inferer.last_stats["dtype"], "bfloat16")
+        self.assertLess((bf16.as_tensor().cpu() - ref).abs().max().item(), 0.05)
 
 
 class TestErrors(unittest.TestCase):
