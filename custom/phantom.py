@@ -218,8 +218,8 @@ _VESSEL_PROTECTED[[*_BONE, T["air"], T["skin"], T["table_shell"], T["table_foam"
 #: Calibration targets (ml): (low, high) drawn, times a body-size factor 0.8-1.25 when scaled, clipped to
 #: (min, max). Inside the ranges of real CTs (REFERENCE.md) with room for what later structures carve out.
 _TARGET_ML = {
-    "liver": (1100.0, 1450.0, 1030.0, 1700.0, True),
-    "spleen": (140.0, 225.0, 125.0, 245.0, True),
+    "liver": (1150.0, 1480.0, 1090.0, 1700.0, True),
+    "spleen": (145.0, 225.0, 138.0, 245.0, True),
     "kidney": (105.0, 155.0, 90.0, 170.0, True),
     "stomach": (170.0, 300.0, 145.0, 340.0, True),
     "gallbladder": (39.0, 51.0, 39.0, 51.0, False),
