@@ -1018,8 +1018,13 @@ class _Anatomy:
             left = _ellipsoid(xs, ys, zs, cL, [82.0 * sx * ll, 38.0, 46.0 * (0.8 + 0.2 * ll)], rotL)
             d0 = _smin(right, left, 25.0)
             # inferior (visceral) surface slants up from the right lateral tip to the left lobe
+            # (curved: a plane would leave straight edges in axial slices)
             p = np.array([cR[0] + 60.0 * sx, cR[1], zP - 48.0 - tip])
-            return _smax(d0, _plane(xs, ys, zs, p, [0.42, 0.12, -1.0]), 10.0)
+            cut = _plane(xs, ys, zs, p, [0.42, 0.12, -1.0])
+            yy = (np.asarray(ys, np.float32) - np.float32(cR[1] + 10.0))[None, :, None]
+            xx = (np.asarray(xs, np.float32) - np.float32(p[0]))[:, None, None]
+            cut = cut - np.float32(0.006) * yy**2 + np.float32(0.0012) * xx**2
+            return _smax(d0, cut, 10.0)
 
         core, bounds = _implicit((cR + cL) / 2, [190, 130, 130], fn_liver)
         lo, hi = bounds(1.4)
@@ -1027,8 +1032,8 @@ class _Anatomy:
             "liver",
             core,
             bounds,
-            field=self._organ_field("liver", lo, hi, 40.0),
-            amp=6.0,
+            field=self._organ_field("liver", lo, hi, 32.0),
+            amp=8.0,
             clips=[cav, below, back],
             excl=[(self.kidneys["R"], 6.0), (self.stomach, 3.0), (self.gallbladder, 1.5), (self.pancreas, 4.0)],
         )
@@ -1373,10 +1378,9 @@ class _Anatomy:
         canal = rc < 1.0
         post_z = (zk == 1) | ((zk == 2) & (zr > -6.0))
         ring = (rc >= 1.0) & (rc < 1.6) & (Y < yvb - ey + 3.0) & post_z
-        spinous = (np.abs(X) < 3.0 + 1.5 * lum) & (Y < yc - 9.0) & (Y > yc - 44.0) & post_z & (zr < 4.0)
-        tproc = (
-            (np.abs(X) < np.where(lum, 40.0, 26.0)) & (np.abs(Y - (yc + 2.0)) < 4.0) & (zk == 1) & (np.abs(zr) < 4.5)
-        )
+        spinous = (np.abs(X) < 2.5 + 1.5 * lum) & (Y < yc - 9.0) & (Y > yc - 38.0) & post_z & (zr < 4.0)
+        tproc = (np.abs(X) < np.where(lum, 38.0, 26.0)) & (np.abs(Y - (yc + 1.0 - 0.15 * np.abs(X))) < 3.0)
+        tproc &= (zk == 1) & (np.abs(zr) < 4.0)
         post = ring | spinous | tproc
         post_cort = post & ~ndimage.binary_erosion(post, iterations=1) if post.any() else post
         t = cv.tissue[sl]
@@ -1525,7 +1529,7 @@ class _Anatomy:
     def _bowel_paths(self):
         g, rng = self.g, self.rng("small_bowel")
         lo = np.array([-(self.Wc - 22.0), self.y_A + 2.0, g["z_crest"] - 110.0])
-        hi = np.array([self.Wc - 22.0, self.Dc - 6.0, g["z_P"] + 5.0])
+        hi = np.array([self.Wc - 22.0, self.Dc - 6.0, g["z_P"] + 25.0])
         c, half = (lo + hi) / 2, (hi - lo) / 2
         paths = []
         for _ in range(int(rng.integers(14, 20))):
