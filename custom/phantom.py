@@ -218,7 +218,7 @@ _VESSEL_PROTECTED[[*_BONE, T["air"], T["skin"], T["table_shell"], T["table_foam"
 #: Calibration targets (ml): (low, high) drawn, times a body-size factor 0.8-1.25 when scaled, clipped to
 #: (min, max). Inside the ranges of real CTs (REFERENCE.md) with room for what later structures carve out.
 _TARGET_ML = {
-    "liver": (1150.0, 1480.0, 1090.0, 1700.0, True),
+    "liver": (1100.0, 1400.0, 1100.0, 1600.0, True),
     "spleen": (145.0, 225.0, 138.0, 245.0, True),
     "kidney": (105.0, 155.0, 90.0, 170.0, True),
     "stomach": (170.0, 300.0, 145.0, 340.0, True),
@@ -934,6 +934,9 @@ class _Anatomy:
         self.ge_junction = st_ctrl[0] + np.array([18.0, -5.0, 12.0])
         self._build_vessels()
         pv_excl = [self._tube_organ("portal", p, r) for p, r in self.vessels["portal_vein"]]
+        big_vessels = [
+            self._tube_organ(k, p, r) for k in ("inferior_vena_cava", "artery") for p, r in self.vessels[k]
+        ] + pv_excl
 
         # ---- organs (each clipped to the cavity, and excluding what it must not overlap) ---------------------------
         self.kidneys = {}
@@ -1035,7 +1038,8 @@ class _Anatomy:
             field=self._organ_field("liver", lo, hi, 32.0),
             amp=8.0,
             clips=[cav, below, back],
-            excl=[(self.kidneys["R"], 6.0), (self.stomach, 3.0), (self.gallbladder, 1.5), (self.pancreas, 4.0)],
+            excl=[(self.kidneys["R"], 6.0), (self.stomach, 3.0), (self.gallbladder, 1.5), (self.pancreas, 4.0)]
+            + [(v, -0.5) for v in big_vessels],  # vessels painted later carve the liver: calibrate without them
         )
         # calibrate in painting order (each against what it excludes)
         tg = g["targets_ml"]
