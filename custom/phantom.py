@@ -1786,10 +1786,13 @@ def _resolve_grid(acq: dict, a_half: float, cfg: dict, overrides: dict, g: dict,
         nz = int(overrides["n_slices"])
         if nz < 1:
             raise ValueError(f"n_slices must be >= 1, got {nz}")
+    elif "z_extent" in overrides:
+        nz = max(1, int(round(float(overrides["z_extent"]) / sz)))
     else:
-        ext = float(overrides.get("z_extent", max(acq["z_extent"], top - z_lo_needed)))
-        nz = int(math.ceil(ext / sz))
-        nz = min(nz, int(cfg["max_slices"])) if "z_extent" not in overrides else nz
+        nz = int(math.ceil(max(acq["z_extent"], top - z_lo_needed) / sz)) + 1
+        if nz > int(cfg["max_slices"]):
+            nz = int(cfg["max_slices"])  # memory guard: keep the organs, give up top margin first
+            top = min(top, max(z_lo_needed + (nz - 1) * sz, z_hi + 5.0))
     # in-plane: centre on the body in x; in y so that the body and (if it fits) the table are inside
     fov = nx * sxy
     y_back = -g["b"] - g["table_gap"] - g["table_thick"] * 0.6
