@@ -155,6 +155,8 @@ class CascadeRunner:
             ``c2_recall_fpr.csv``.
         overwrite: existing outputs are an error unless True (checked for every case before any computation).
         stage1_only: stop after C2 (the step that writes candidate regions for stage-2 training).
+        c2_source: ``"prediction"`` (paper: the stage-1 prediction, dilated) or ``"label"`` (the authors' code for
+            training stage 2: the dilated ground truth).
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class CascadeRunner:
         stage1_only: bool = False,
         radii: Sequence[int] = tuple(range(7)),
         progress: bool = True,
+        c2_source: str = "prediction",
     ):
         self.data = list(data)
         if not self.data:
@@ -193,6 +196,9 @@ class CascadeRunner:
         self.stage1_only = stage1_only
         self.radii = list(radii)
         self.progress = progress
+        if c2_source not in ("prediction", "label"):
+            raise ValueError(f"c2_source must be 'prediction' (paper) or 'label' (authors' code), got {c2_source!r}")
+        self.c2_source = c2_source
         self.failures: list[dict] = []
         self.metrics_rows: list[dict] = []
         self.c2_rows: list[dict] = []
@@ -237,7 +243,12 @@ class CascadeRunner:
         c1 = d["c1"][None].to(self.device)
         self.cascade.last_stats = {}
         lab1 = self.cascade.stage1(image, c1)
-        c2 = self.cascade.candidates(lab1, c1)
+        if self.c2_source == "label":  # the authors' code: C2 from the dilated ground truth when training stage 2
+            if "label" not in d:
+                raise ValueError(f"{case.get('image')}: c2_source='label' needs the case's label")
+            c2 = self.cascade.candidates(d["label"][None].round().to(torch.uint8), c1)
+        else:
+            c2 = self.cascade.candidates(lab1, c1)
         stats = dict(self.cascade.last_stats)
         timings["stage1"] = stats["stage1"]["seconds"]
         timings["c2"] = stats["c2"]["seconds"]
@@ -382,16 +393,16 @@ class CascadeRunner:
                 self.failures.append({"case_id": case.get("case_id"), "image": str(case.get("image")), "error": str(e)})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.metrics_rows:
-            _write_csv(self.output_dir / "metrics.csv", self.metrics_rows)
+            _write_csv(self.output_dir / f"metrics{_rank_suffix()}.csv", self.metrics_rows)
         if self.c2_rows:
-            _write_csv(self.output_dir / "c2_recall_fpr.csv", self.c2_rows)
+            _write_csv(self.output_dir / f"c2_recall_fpr{_rank_suffix()}.csv", self.c2_rows)
         summary = {
             "cases": len(self.data),
             "succeeded": len(results),
             "failed": self.failures,
             "seconds": {r["case_id"]: r["seconds"] for r in results},
         }
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.output_dir / f"summary{_rank_suffix()}.json").write_text(json.dumps(summary, indent=2))
         self.summary = summary
         return summary
 
@@ -401,6 +412,17 @@ class CascadeRunner:
             lines = [f"  {f['case_id']}: {f['image']}: {f['error']}" for f in self.failures]
             print(f"{len(self.failures)} of {len(self.data)} case(s) failed:\n" + "\n".join(lines), file=sys.stderr)
             sys.exit(1)
+
+
+def _rank_suffix() -> str:
+    """``_rank<r>`` when sharded over several processes (each writes its own summary), else empty."""
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        return f"_rank{torch.distributed.get_rank()}"
+    return ""
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -37,8 +37,8 @@ def main(
     n_train: int = 10,
     n_test: int = 4,
     seed: int = 0,
-    epochs_stage1: int = 20,
-    epochs_stage2: int = 20,
+    epochs_stage1: int = 12,
+    epochs_stage2: int = 12,
     fresh: bool = False,
     phantoms_only: bool = False,
 ) -> int:

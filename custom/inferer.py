@@ -429,6 +429,9 @@ class ValidTiledInferer(Inferer):
         if inputs.dim() != 5:
             raise ValueError(f"inputs must be (B, C, X, Y, Z), got shape {tuple(inputs.shape)}")
         batch, _, *spatial = inputs.shape
+        if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+            # tiles skipped by the mask differ between ranks: DDP's per-forward buffer broadcast would deadlock
+            network = network.module
         if self.mask_from_last_channel:
             if mask is not None or inputs.shape[1] < 2:
                 raise ValueError("mask_from_last_channel needs >= 2 input channels and no separate mask")
