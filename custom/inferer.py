@@ -23,6 +23,12 @@ Two tilings (details and measured costs in ``bundle/docs/tiling.md``):
 A candidate ``mask`` (stage 1: body mask C1, stage 2: dilated stage-1 foreground C2) skips every tile whose output
 region holds no candidate voxel, and sets every voxel outside the mask to background.
 
+Out of memory (``torch.OutOfMemoryError``, or a ``RuntimeError`` saying the allocator ran out) in a batch of tiles
+is not the end of a case: the call is retried with one tile per forward, then with the stitching buffer on the CPU,
+then (aligned mode) with output tiles half as large per axis, each step logged and listed in
+``last_stats["oom_fallbacks"]``. Aligned tiling gives the same result for any tile size, so the retried result
+equals the one that did not fit; paper mode keeps its tile size (it defines the result) and only uses the first two.
+
 Example (narrow network, CPU, float32):
 
 >>> from custom.network import ValidUNet3D
@@ -35,6 +41,7 @@ Example (narrow network, CPU, float32):
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -53,7 +60,9 @@ from torch import nn
 
 from custom.network import ValidUNet3D, fold_batchnorm, forward_flops
 
-__all__ = ["ValidTiledInferer", "TilePass", "estimate_tile_bytes", "max_activation_elements"]
+__all__ = ["ValidTiledInferer", "TilePass", "estimate_tile_bytes", "is_out_of_memory", "max_activation_elements"]
+
+logger = logging.getLogger(__name__)
 
 #: The paper's output tile (x, y, z); its input is 132x132x116.
 PAPER_TILE = (44, 44, 28)
@@ -68,6 +77,15 @@ _ALIGNED_SHIFTS = {
 #: Axes whose stride is halved in paper mode, by overlap factor (the paper's 4x: x and y).
 _PAPER_HALVED = {1: (), 2: (0,), 4: (0, 1), 8: (0, 1, 2)}
 _MAX_ELEMENTS = 2**31 - 1  # largest single activation kept below int32 indexing limits of some kernels
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: ``torch.OutOfMemoryError`` (CUDA) or the ``RuntimeError`` /
+    ``MemoryError`` of a CPU or other allocator (\"out of memory\", \"can't allocate memory\")."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def max_activation_elements(in_size: Sequence[int], features: int = 32, batch: int = 1) -> int:
@@ -479,8 +497,10 @@ class ValidTiledInferer(Inferer):
                     folded=folded,
                     device_type=device.type,
                 )
-            passes = self.plan(spatial, tile)
-            out, stats = self._run(x, net, passes, mask, device, out_device, cast, out_channels)
+            passes, out, stats, fallbacks = self._run_with_fallbacks(
+                x, net, spatial, tile, mask, device, out_device, cast, out_channels
+            )
+            out_device = out.device
         finally:
             if was_training is not None:
                 network.train(was_training)
@@ -508,12 +528,64 @@ class ValidTiledInferer(Inferer):
             output_device=str(out_device),
             dtype=str(cast or (torch.bfloat16 if self.amp else torch.float32)).replace("torch.", ""),
             folded_bn=folded,
+            oom_fallbacks=fallbacks,
             seconds=time.perf_counter() - t0,
         )
         self.last_stats = stats
         if meta_src is not None:
             return convert_to_dst_type(out, meta_src, device=out_device)[0]
         return MetaTensor(out)
+
+    def _run_with_fallbacks(
+        self,
+        x: torch.Tensor,
+        net: Callable,
+        spatial: Sequence[int],
+        tile: Sequence[int] | None,
+        mask: torch.Tensor | None,
+        device: torch.device,
+        out_device: torch.device,
+        cast: torch.dtype | None,
+        out_channels: int | None,
+    ) -> tuple[list[TilePass], torch.Tensor, dict[str, Any], list[str]]:
+        """:meth:`_run`, retried after an out-of-memory error with one tile per batch, CPU stitching, then (aligned
+        mode) halved tiles, until it fits or nothing is left to shrink (then the error is raised with the steps)."""
+        sw_batch = self.sw_batch_size
+        fallbacks: list[str] = []
+        while True:
+            passes = self.plan(spatial, tile)
+            failed = None
+            try:
+                out, stats = self._run(x, net, passes, mask, device, out_device, cast, out_channels, sw_batch)
+                return passes, out, stats, fallbacks
+            except Exception as e:  # noqa: BLE001 - only allocation failures are retried, the rest is re-raised
+                if not is_out_of_memory(e):
+                    raise
+                failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            # outside the except block: the traceback (and the tensors its frames hold) is released before retrying
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            current = tuple(passes[0].tile_size)
+            halved = self._halved_tile(current, spatial) if self.mode == "aligned" else None
+            if sw_batch > 1:
+                sw_batch, step = 1, f"one tile per forward (sw_batch_size {self.sw_batch_size} -> 1)"
+            elif out_device.type != "cpu":
+                out_device, step = torch.device("cpu"), "stitching on the CPU"
+            elif halved is not None:
+                tile, step = halved, f"output tiles {list(current)} -> {list(halved)}"
+            else:
+                raise RuntimeError(
+                    f"out of memory with output tiles {list(current)} ({self.mode} mode) after the fallbacks "
+                    f"{fallbacks or 'none'}: lower memory_budget_mb / tile_size or free memory ({failed})"
+                )
+            fallbacks.append(step)
+            logger.warning("Out of memory in tiled inference (%s); retrying with %s.", failed, step)
+
+    def _halved_tile(self, tile: tuple[int, ...], spatial: Sequence[int]) -> tuple[int, ...] | None:
+        """Output tile with every axis halved (rounded down to a valid size, at least the smallest tile), or None."""
+        min_tile = self._min_tile()
+        new = tuple(max(min_tile, self._round_down_output(t // 2)) if t > min_tile else t for t in tile)
+        return None if new == tuple(tile) else new
 
     def _run(
         self,
@@ -525,8 +597,10 @@ class ValidTiledInferer(Inferer):
         out_device: torch.device,
         cast: torch.dtype | None,
         out_channels: int | None,
+        sw_batch_size: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         batch, _, *spatial = x.shape
+        sw_batch_size = sw_batch_size or self.sw_batch_size
         m = self.margin
         # one padded copy of the image serves every pass: pad so that the lowest tile start and the highest tile end
         # of all passes fit.
@@ -560,7 +634,7 @@ class ValidTiledInferer(Inferer):
                     jobs.append((b, pi, st, w))
         groups: list[list] = []
         for job in jobs:  # batch tiles of the same element and pass (same tile size)
-            if groups and len(groups[-1]) < self.sw_batch_size and groups[-1][0][:2] == job[:2]:
+            if groups and len(groups[-1]) < sw_batch_size and groups[-1][0][:2] == job[:2]:
                 groups[-1].append(job)
             else:
                 groups.append([job])
@@ -571,7 +645,7 @@ class ValidTiledInferer(Inferer):
             from tqdm import tqdm
 
             bar = tqdm(total=len(groups), desc="tiles", leave=False)
-        with torch.no_grad():
+        with torch.no_grad(), bar if bar is not None else nullcontext():  # the bar is closed on errors too
             for group in groups:
                 b, pi = group[0][0], group[0][1]
                 if b != padded_b:
@@ -625,8 +699,6 @@ class ValidTiledInferer(Inferer):
                 runs_per_pass[pi] += len(group)
                 if bar is not None:
                     bar.update(1)
-        if bar is not None:
-            bar.close()
         if out is None:  # nothing ran and the class count is unknown
             raise ValueError("no tile was run and the network's number of classes is unknown (no out_channels)")
         if averaged:
