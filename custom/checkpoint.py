@@ -18,7 +18,10 @@ Files in ``<ckpt_dir>``:
 
 Loading is always ``torch.load(..., weights_only=True)``: a file carrying a pickled object that would run code is
 refused before anything executes (:class:`UnsafeCheckpointError`), a missing file is an error naming the path (never a
-silent run on random weights), and an expected SHA-256 (or ``models/checksums.json``) is checked before loading.
+silent run on random weights), and an expected SHA-256 is checked before loading. ``"auto"`` takes it from the
+``checksums.json`` beside the file (the bundle ships one for its weights in ``models/``) and skips the check with a
+warning where there is none or where it does not list the file, so that a user's own weights load without a listing
+while shipped weights that were changed or truncated are refused; pass the hex digest itself to insist on a check.
 
 Example (bundle config, the trainer and its scaler are taken from the engine the handler is attached to, so no
 circular reference to ``@train#trainer`` is needed)::
@@ -480,7 +483,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", expected
     """``torch.load(path, weights_only=True)`` with errors that name the file.
 
     ``expected_sha256`` is checked before unpickling (``"auto"``: the hash listed for this file in the
-    ``checksums.json`` beside it). Raises ``FileNotFoundError`` (missing), ``ValueError`` (hash mismatch, unreadable
+    ``checksums.json`` beside it; without a listing, or when the listing does not name the file, the file is loaded
+    unverified with a warning). Raises ``FileNotFoundError`` (missing), ``ValueError`` (hash mismatch, unreadable
     file) or :class:`UnsafeCheckpointError` (pickled objects that ``weights_only`` refuses; nothing was executed).
     """
     path = Path(path)
@@ -500,22 +504,36 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", expected
         raise ValueError(f"Cannot read checkpoint {path} (truncated or not a torch file?): {e}") from e
 
 
-def _expected_from_checksums(path: Path) -> str:
+def _expected_from_checksums(path: Path) -> str | None:
+    """The SHA-256 listed for ``path`` in the ``checksums.json`` beside it, or None (logged) when not listed."""
     listing = path.parent / CHECKSUMS_FILE
     if not listing.is_file():
-        raise FileNotFoundError(f"expected_sha256='auto' but there is no {listing} for {path}.")
-    files = json.loads(listing.read_text())["files"]
+        _module_logger.warning(f"{path}: not verified (no {CHECKSUMS_FILE} beside it; sha256 'auto').")
+        return None
+    try:
+        files = json.loads(listing.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{listing} is not a checksum list written by write_checksums ({e!r}).") from e
     if path.name not in files:
-        raise ValueError(f"{path.name} is not listed in {listing}; listed: {sorted(files)}.")
+        _module_logger.warning(f"{path}: not verified ({listing} does not list it; listed: {sorted(files)}).")
+        return None
     return files[path.name]["sha256"]
 
 
 def _check_sha256(path: Path, expected: str) -> None:
+    source = "expected"
     if expected == "auto":
         expected = _expected_from_checksums(path)
+        if expected is None:
+            return
+        source = f"listed in {path.parent / CHECKSUMS_FILE}"
     actual = sha256_file(path)
     if actual.lower() != expected.strip().lower():
-        raise ValueError(f"SHA-256 mismatch for {path}: expected {expected.strip().lower()}, got {actual}.")
+        raise ValueError(
+            f"SHA-256 mismatch for {path}: {source} {expected.strip().lower()}, got {actual}. The file is truncated, "
+            "corrupt or was replaced; to load weights of your own, pass sha256 null (or their digest) or give "
+            "another path."
+        )
 
 
 def _extract_state_dict(ckpt: Any, key: str | None, path: Path) -> dict[str, torch.Tensor]:
