@@ -15,6 +15,7 @@ Command line::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -39,6 +40,8 @@ __all__ = [
     "split_folds",
     "train_val_split",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: MSD / nnU-Net folders scanned by ``load_datalist(..., from_folders=True)``: key -> (images, labels or None).
 FOLDERS = {"training": ("imagesTr", "labelsTr"), "test": ("imagesTs", None)}
@@ -423,6 +426,7 @@ def verify_dataset(
     check_images: bool = False,
     num_workers: int = 2,
     raise_on_error: bool = True,
+    log: bool = False,
 ) -> VerifyReport:
     """Check a training dataset before training and report every problem at once.
 
@@ -434,7 +438,8 @@ def verify_dataset(
     images and labels whose case numbers differ. Headers are read with nibabel and label voxels fully (needed for
     the values); image voxels only with ``check_images=True`` (NaN and HU range).
 
-    Raises :class:`DatasetError` listing all errors (with ``.report``) unless ``raise_on_error=False``.
+    Raises :class:`DatasetError` listing all errors (with ``.report``) unless ``raise_on_error=False``. ``log=True``
+    (the training configs' ``initialize``) logs the summary line and every warning.
 
     >>> report = verify_dataset("/data/Task07_Pancreas/dataset.json", {"pancreas": 1, "tumour": 2})  # doctest: +SKIP
     >>> print(report.summary())  # doctest: +SKIP
@@ -476,6 +481,10 @@ def verify_dataset(
         if never:
             warns.append(f"label(s) present in no checked case: {', '.join(never)}")
     report = VerifyReport(len(datalist), len(checked), label_map, errors, warns, counts)
+    if log:
+        logger.info("dataset verification: %s", report.summary().splitlines()[0])
+        for w in warns:
+            logger.warning("dataset verification: %s", w)
     if errors and raise_on_error:
         raise DatasetError(errors, report)
     return report

@@ -1,17 +1,25 @@
-"""Glue between the bundle configs and MONAI's engines: data lists per split and batch preparation for evaluators.
+"""Glue between the bundle configs and MONAI's engines: data lists per split, batch preparation for evaluators, and
+training patches that do not depend on the number of data-loader workers.
 
 The training batch preparation (patch augmentation on the training device) lives in :mod:`custom.augment`; this
 module holds the evaluation side, where whole volumes go through the tiled inferer restricted to the candidate region.
+
+Why :class:`SeededSampler` + :class:`SeededDataset`: MONAI's ``DataLoader`` seeds the random transforms once per
+worker (``seed + worker_id``), so which patch a case yields depends on which worker loads it: a run with 2 workers
+draws other patches (and other losses) than the same run with 0 workers. Here the sampler, which always runs in the
+main process, draws one seed per item together with the shuffled order, and the dataset re-seeds its random transforms
+with it before each item: the patches depend only on ``seed``, whatever ``num_workers`` is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path
 
 import torch
+from monai.data.utils import set_rnd
 from monai.engines.utils import PrepareBatch
-from monai.utils import CommonKeys
+from monai.utils import MAX_SEED, CommonKeys
 
 from custom.data import load_datalist, train_val_split
 
@@ -94,3 +102,53 @@ def inference_datalist(path: str, split: str = "test") -> list[dict]:
             return load_datalist(path, key="test")
         return datalist(path, split=split)
     return [{"image": str(c.path), "case_id": c.case_id} for c in list_inputs(path)]
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """Shuffled (or ordered) indices of ``data_source``, each yielded as ``(index, seed)`` for :class:`SeededDataset`.
+
+    Both the order and the per-item seeds come from one ``torch.Generator`` seeded with ``seed`` and advanced from
+    pass to pass in the main process, so they are the same for any number of workers.
+
+    >>> list(SeededSampler(range(3), shuffle=False, seed=0))[0][0]
+    0
+    """
+
+    def __init__(self, data_source: Sized | int, shuffle: bool = True, seed: int = 0):
+        self.n = int(data_source) if isinstance(data_source, int) else len(data_source)
+        self.shuffle = bool(shuffle)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(0, MAX_SEED, (self.n,), generator=self.generator, dtype=torch.int64)
+        return iter([(int(i), int(s)) for i, s in zip(order.tolist(), seeds.tolist(), strict=True)])
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Wraps a MONAI dataset: an ``(index, seed)`` key re-seeds the random transforms before the item is made.
+
+    Plain integer keys (e.g. from a ``DistributedSampler``) give the wrapped dataset's item unchanged.
+
+    Example (config)::
+
+        "dataloader": {"_target_": "DataLoader", "dataset": {"_target_": "custom.workflow.SeededDataset",
+                       "dataset": "@train#dataset"}, "sampler": {"_target_": "custom.workflow.SeededSampler",
+                       "data_source": "@train#dataset", "seed": "@seed"}, "shuffle": false}
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if isinstance(key, (tuple, list)) and len(key) == 2:
+            index, seed = int(key[0]), int(key[1])
+            set_rnd(getattr(self.dataset, "transform", None) or self.dataset, seed)
+            return self.dataset[index]
+        return self.dataset[key]
