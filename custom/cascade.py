@@ -102,6 +102,11 @@ class CascadeInferer(Inferer):
                     logger.warning("stage-1 organs missing or too small %s: C2 falls back to C1 for this case", bad)
                     c2 = body if body is not None else np.ones_like(c2)
                 flags.append(bad)
+            if not c2.any():  # nothing to crop or tile: stage 2 runs no tile and the case comes out as background
+                logger.warning(
+                    "stage 1 found no foreground%s: C2 is empty, stage 2 is skipped and the output is background",
+                    f" (batch item {b})" if stage1_labels.shape[0] > 1 else "",
+                )
             out.append(torch.as_tensor(np.ascontiguousarray(c2))[None])
         c2 = torch.stack(out).to(torch.uint8)
         self.last_stats["c2"] = {
