@@ -24,7 +24,7 @@ import yaml
 from bundle_utils import CONFIGS, ROOT, TINY
 from parameterized import parameterized
 
-from custom.checkpoint import verify_checksums
+from custom.checkpoint import verify_checksums, write_checksums
 from custom.export import BUNDLE_NAME, MAX_FILE_BYTES, config_path_problems, export_bundle
 from custom.network import ValidUNet3D, is_valid_size, output_size
 from custom.phantom import generate_phantom
@@ -54,7 +54,9 @@ def exported(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("weights")
-    return {f"stage{k}": _random_weights(folder / f"w{k}.pt", seed=k) for k in (1, 2)}
+    files = {f"stage{k}": _random_weights(folder / f"w{k}.pt", seed=k) for k in (1, 2)}
+    write_checksums(folder)  # so that inference configs may ask for sha256 "auto"
+    return files
 
 
 def _source_copy(tmp_path: Path) -> Path:
