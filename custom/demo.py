@@ -70,9 +70,8 @@ def main(
     s1_weights = str(s1_dir / "checkpoints" / "model_final.pt")
     cand_dir = s1_dir / "candidates"
     _bundle_run(
-        ["common.json", "inference.json", "demo.json"],
-        input=str(dataset_json), input_split="all", stage1_only=True, stage1_weights=s1_weights,
-        output_dir=str(cand_dir), save_outputs=[], overwrite=True, **common,
+        ["common.json", "inference.json", "candidates.json", "demo.json"],
+        stage1_weights=s1_weights, output_dir=str(cand_dir), overwrite=True, **common,
     )  # fmt: skip
     _bundle_run(
         ["common.json", "train.json", "stage2.json", "demo.json"],

@@ -1,4 +1,4 @@
-"""Shared test fixtures. ``SHARED`` is the workplace's shared folder beside the checkout; tests that need it skip cleanly."""
+"""Shared test fixtures. ``SHARED`` is the shared folder beside the checkout; tests that need it skip cleanly."""
 
 from __future__ import annotations
 
