@@ -6,7 +6,8 @@ case at a time, every output written in the input's own geometry (same voxel ord
 JSON and preview, and a failing case logged and skipped so the others still run (the run then exits non-zero with a
 summary). Probabilities are never resampled back unless asked: labels are taken by argmax at the working resolution
 and resampled with nearest neighbour, as the paper does for labels (8 classes of float probabilities at full
-resolution are GBs).
+resolution are GBs). :class:`OutOfFoldRunner` runs a runner fold by fold, each fold's cases with the stage-1 model
+that did not train on them (out-of-fold C2 for training stage 2, ``candidates.json --out_of_fold true``).
 """
 
 from __future__ import annotations
@@ -440,3 +441,117 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     tmp.replace(path)
+
+
+class OutOfFoldRunner:
+    """Candidate regions out of fold: each case's C2 comes from the stage-1 model whose validation fold held it.
+
+    Why: stage 2 learns to segment inside C2 as stage 1 makes it on CTs it has never seen. A stage-1 model that
+    trained on a case segments it better than it will segment an unseen CT, so C2 made by it is tighter and misses
+    less than at test time, and stage 2 learns from regions nicer than those it will get. With one stage-1 model per
+    fold (``train.json`` with ``fold=k``: trained on every fold but k, validated on fold k), every training case gets a
+    C2 from a model that never trained on it.
+
+    The folds are :func:`custom.workflow.datalist` with ``split="val"`` and ``fold=k`` on ``dataset_json``, the very
+    call the training made, so they agree with it as long as ``n_folds`` and ``seed`` do. Fold ``k``'s weights
+    (``fold_weights.format(fold=k)``) are loaded into the runner's stage-1 network and the runner goes over that
+    fold's cases; outputs, failures and metrics rows accumulate in the runner as in one run, and ``summary.json``
+    records which fold and weights file produced each case. Every weights file and every case's fold are checked, and
+    existing outputs refused, before anything is computed. With ``fold_weights=None`` it is the runner's own run.
+
+    Example (``candidates.json``, ``--out_of_fold true``)::
+
+        {"_target_": "custom.cascade.OutOfFoldRunner", "runner": "@runner", "dataset_json": "@data_list_file_path",
+         "fold_weights": "runs/stage1_fold{fold}/checkpoints/model_final.pt", "n_folds": 5, "seed": "@seed"}
+    """
+
+    def __init__(
+        self,
+        runner: CascadeRunner,
+        fold_weights: str | None = None,
+        dataset_json: str | None = None,
+        n_folds: int = 5,
+        seed: int = 0,
+        sha256: str | None = None,
+    ):
+        self.runner = runner
+        self.fold_weights = fold_weights
+        self.dataset_json = dataset_json
+        self.n_folds = int(n_folds)
+        self.seed = int(seed)
+        self.sha256 = sha256
+        if fold_weights is not None:
+            if "{fold}" not in str(fold_weights):
+                raise ValueError(f"fold_weights must contain '{{fold}}' (one file per fold), got {fold_weights!r}")
+            if dataset_json is None:
+                raise ValueError("out-of-fold candidates need dataset_json: the dataset the folds were trained on")
+        self.summary: dict = {}
+
+    def plan(self) -> list[tuple[int, Path, list[dict]]]:
+        """``[(fold, weights, cases), ...]`` over the runner's cases; raises before any work if a file or a fold is
+        missing."""
+        from custom.workflow import datalist
+
+        fold_of: dict[str, int] = {}
+        for k in range(self.n_folds):
+            for case in datalist(self.dataset_json, split="val", fold=k, n_folds=self.n_folds, seed=self.seed):
+                fold_of[str(case["case_id"])] = k
+        orphans = [str(c["case_id"]) for c in self.runner.data if str(c["case_id"]) not in fold_of]
+        if orphans:
+            raise ValueError(
+                f"{len(orphans)} case(s) are in no fold of {self.dataset_json} (n_folds={self.n_folds}, "
+                f"seed={self.seed}): {', '.join(orphans[:5])}; out-of-fold candidates are for its training cases"
+            )
+        weights = [Path(str(self.fold_weights).format(fold=k)) for k in range(self.n_folds)]
+        missing = [str(w) for w in weights if not w.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"stage-1 weights missing for {len(missing)} of {self.n_folds} folds (train them with train.json "
+                f"--fold k --n_folds {self.n_folds}): {', '.join(missing)}"
+            )
+        return [
+            (k, weights[k], [c for c in self.runner.data if fold_of[str(c["case_id"])] == k])
+            for k in range(self.n_folds)
+        ]
+
+    def run(self) -> dict:
+        if self.fold_weights is None:
+            self.summary = self.runner.run()
+            return self.summary
+        from custom.checkpoint import load_weights
+
+        plan = self.plan()
+        self.runner._check_existing()  # every fold's outputs, before the first fold computes anything
+        network = self.runner.cascade.stage1_network
+        all_cases = self.runner.data
+        seconds: dict = {}
+        folds: dict[str, dict] = {}
+        try:
+            for k, path, cases in plan:
+                folds[str(k)] = {"weights": str(path), "cases": [str(c["case_id"]) for c in cases]}
+                if not cases:
+                    continue
+                load_weights(path, map_location="cpu", expected_sha256=self.sha256, network=network)
+                network.eval()
+                logger.info("fold %d: %d case(s) with stage-1 weights %s", k, len(cases), path)
+                self.runner.data = cases
+                seconds.update(self.runner.run()["seconds"])
+        finally:
+            self.runner.data = all_cases
+        self.summary = {
+            "cases": len(all_cases),
+            "succeeded": len(seconds),
+            "failed": self.runner.failures,
+            "seconds": seconds,
+            "n_folds": self.n_folds,
+            "seed": self.seed,
+            "folds": folds,
+            "case_fold": {cid: int(k) for k, f in folds.items() for cid in f["cases"]},
+        }
+        self.runner.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.runner.output_dir / f"summary{_rank_suffix()}.json").write_text(json.dumps(self.summary, indent=2))
+        return self.summary
+
+    def exit_if_failed(self) -> None:
+        """For the config's ``finalize``: exits non-zero after listing the failed cases of all folds."""
+        self.runner.exit_if_failed()

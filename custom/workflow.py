@@ -21,7 +21,7 @@ from monai.data.utils import set_rnd
 from monai.engines.utils import PrepareBatch
 from monai.utils import MAX_SEED, CommonKeys
 
-from custom.data import load_datalist, train_val_split
+from custom.data import load_datalist, split_folds, train_val_split
 
 
 def datalist(
@@ -32,18 +32,34 @@ def datalist(
     candidates_dir: str | None = None,
     candidate_key: str = "c2",
     max_cases: int | None = None,
+    fold: int | None = None,
+    n_folds: int = 5,
 ) -> list[dict]:
     """Cases of one split of an MSD dataset.json, paired by case id.
 
     ``split``: ``"train"`` / ``"val"`` (a deterministic split of the ``training`` list), ``"all"`` (the whole
     ``training`` list) or ``"test"``. With ``candidates_dir`` (stage 2), each case gets ``candidate_key`` pointing to
     ``<candidates_dir>/<case_id>_c2.nii.gz`` written by the stage-1 prediction step; a missing file is an error.
+
+    ``fold`` (0 .. ``n_folds`` - 1) replaces the hold-out split by k-fold cross-validation
+    (:func:`custom.data.split_folds`): ``"val"`` is fold ``fold``, ``"train"`` every other fold. Training one stage-1
+    model per fold gives each case a model that never saw it, for out-of-fold C2
+    (:class:`custom.cascade.OutOfFoldRunner`).
+
+    Example::
+
+        datalist("data/dataset.json", split="val", fold=2, n_folds=5)  # the cases of fold 2
     """
     if split == "test":
         cases = load_datalist(dataset_json, key="test")
     else:
         cases = load_datalist(dataset_json, key="training")
-        if split in ("train", "val"):
+        if split in ("train", "val") and fold is not None:
+            if not 0 <= int(fold) < int(n_folds):
+                raise ValueError(f"fold must be in 0..{int(n_folds) - 1} for n_folds={n_folds}, got {fold}")
+            train, val = split_folds(cases, n_folds=int(n_folds), seed=seed)[int(fold)]
+            cases = train if split == "train" else val
+        elif split in ("train", "val"):
             train, val = train_val_split(cases, val_fraction=val_fraction, seed=seed)
             cases = train if split == "train" else val
         elif split != "all":
