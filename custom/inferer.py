@@ -21,7 +21,11 @@ Two tilings (details and measured costs in ``bundle/docs/tiling.md``):
   so this mode does not equal a whole-volume pass; it exists to reproduce the paper.
 
 A candidate ``mask`` (stage 1: body mask C1, stage 2: dilated stage-1 foreground C2) skips every tile whose output
-region holds no candidate voxel, and sets every voxel outside the mask to background.
+region holds no candidate voxel, and sets every voxel outside the mask to background. In aligned mode the tile size is
+chosen for the mask (``mask_aware``): the tiling whose *running* tiles cost the least (FLOPs plus a per-tile
+overhead). Large tiles pay the 88-voxel halo rarely but skip little; with C2 at ~5-10 % of the voxels smaller tiles
+often cost less in total (measured in ``bundle/docs/performance.md``). Any aligned tile gives the same result, so
+this changes only the cost.
 
 Out of memory (``torch.OutOfMemoryError``, or a ``RuntimeError`` saying the allocator ran out) in a batch of tiles
 is not the end of a case: the call is retried with one tile per forward, then with the stitching buffer on the CPU,
@@ -41,6 +45,7 @@ Example (narrow network, CPU, float32):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -51,6 +56,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
@@ -77,6 +83,8 @@ _ALIGNED_SHIFTS = {
 #: Axes whose stride is halved in paper mode, by overlap factor (the paper's 4x: x and y).
 _PAPER_HALVED = {1: (), 2: (0,), 4: (0, 1), 8: (0, 1, 2)}
 _MAX_ELEMENTS = 2**31 - 1  # largest single activation kept below int32 indexing limits of some kernels
+#: Mask-aware tile choice: at most this many tiles per axis are considered (smaller tiles never pay for their halo).
+_MASKED_MAX_COUNT = 16
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -193,6 +201,15 @@ class ValidTiledInferer(Inferer):
         mask_from_last_channel: take the candidate mask from the last input channel and give the network the others.
             Lets a bundle pass C1/C2 through evaluators that only call ``inferer(inputs, network)``: concatenate the
             mask to the image (``ConcatItemsd``) and set this flag.
+        mask_aware: aligned mode without ``tile_size``: choose the tile for the given mask, counting only the tiles
+            that run (see :meth:`choose_tile_size`); False chooses as if every tile ran.
+        tile_overhead: fixed cost charged per tile when choosing the tile size, as a multiple of the forward FLOPs
+            of the smallest tile (input 100^3): small tiles run at a lower rate. Fitted ``time = FLOPs / rate +
+            overhead`` at the paper's widths: ~0.4 s per tile at ~300 GFLOP/s on the project's 2-core CPU (0.5x),
+            ~1 ms at ~290 TFLOP/s on an H200 (REFERENCE.md section 4; 1.0x). 0 counts FLOPs only.
+        compile: ``torch.compile`` the folded copy (needs ``fold_bn`` and a :class:`ValidUNet3D`). Pays off on CUDA
+            for many tiles of one size (REFERENCE.md: 2.75 -> 1.72 ms per paper tile on an H200); each new tile size
+            compiles again (tens of seconds), so it is off by default.
 
     Call: ``inferer(inputs (B, C, X, Y, Z), network, mask=None) -> MetaTensor (B, K, X, Y, Z)``. After each call
     ``last_stats`` holds ``tiles_run``, ``tiles_skipped``, ``candidate_fraction``, ``seconds``, ``mode``,
@@ -219,6 +236,9 @@ class ValidTiledInferer(Inferer):
         align: int = 8,
         min_output: int = 4,
         mask_from_last_channel: bool = False,
+        mask_aware: bool = True,
+        tile_overhead: float = 0.75,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if mode not in ("aligned", "paper"):
@@ -254,6 +274,11 @@ class ValidTiledInferer(Inferer):
         self.align = int(align)
         self.min_output = int(min_output)
         self.mask_from_last_channel = bool(mask_from_last_channel)
+        self.mask_aware = bool(mask_aware)
+        if float(tile_overhead) < 0:
+            raise ValueError(f"tile_overhead must be >= 0, got {tile_overhead}")
+        self.tile_overhead = float(tile_overhead)
+        self.compile = bool(compile)
         self.last_stats: dict[str, Any] = {}
         self._fold_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if mode == "paper":
@@ -294,20 +319,11 @@ class ValidTiledInferer(Inferer):
         # Output domain of the pass: image coordinates [-shift, -shift + M), M = smallest valid output >= size + shift.
         # Tiles start at multiples of `align` from the domain origin; the last one ends at M (also a multiple of align
         # away, since M and the tile size are both min_output mod align).
-        min_tile = self._min_tile()
         axes_starts, axes_write, tiles = [], [], []
         for n, w, s in zip(size, wanted, shift, strict=True):
-            dom = _valid_outputs_from(n + s, self.min_output, self.align)
-            t = min(dom, max(self._round_down_output(int(w)), min_tile))
-            count = 1 if t >= dom else math.ceil((dom - t) / ((t // self.align) * self.align)) + 1
-            t = self._tile_for_count(dom, count)  # rebalance: the smallest tile that covers with `count` tiles
-            stride = (t // self.align) * self.align
-            starts = [min(k * stride, dom - t) for k in range(count)]
-            bounds = starts[1:] + [dom]
-            write = [(max(a - s, 0), min(b - s, n)) for a, b in zip(starts, bounds, strict=True)]
-            keep = [i for i, (a, b) in enumerate(write) if b > a]
-            axes_starts.append([starts[i] - s for i in keep])
-            axes_write.append([write[i] for i in keep])
+            t, starts, write = self._axis_plan(n, w, s)
+            axes_starts.append(starts)
+            axes_write.append(write)
             tiles.append(t)
         p = TilePass(shift=tuple(shift), tile_size=tuple(tiles))
         for i, sx in enumerate(axes_starts[0]):
@@ -316,6 +332,20 @@ class ValidTiledInferer(Inferer):
                     p.starts.append((sx, sy, sz))
                     p.write.append((axes_write[0][i], axes_write[1][j], axes_write[2][k]))
         return p
+
+    def _axis_plan(self, n: int, wanted: int, s: int) -> tuple[int, list[int], list[tuple[int, int]]]:
+        """One axis of an aligned pass: (tile size, tile starts, write regions), both in image coordinates, for an
+        axis of ``n`` voxels, a wanted tile size and a tiling-origin shift ``s``."""
+        dom = _valid_outputs_from(n + s, self.min_output, self.align)
+        t = min(dom, max(self._round_down_output(int(wanted)), self._min_tile()))
+        count = 1 if t >= dom else math.ceil((dom - t) / ((t // self.align) * self.align)) + 1
+        t = self._tile_for_count(dom, count)  # rebalance: the smallest tile that covers with `count` tiles
+        stride = (t // self.align) * self.align
+        starts = [min(k * stride, dom - t) for k in range(count)]
+        bounds = starts[1:] + [dom]
+        write = [(max(a - s, 0), min(b - s, n)) for a, b in zip(starts, bounds, strict=True)]
+        keep = [i for i, (a, b) in enumerate(write) if b > a]
+        return t, [starts[i] - s for i in keep], [write[i] for i in keep]
 
     def _plan_paper(self, size: tuple[int, ...], tile: tuple[int, ...]) -> TilePass:
         bad = [t for t in tile if not self._is_valid_output(int(t))]
@@ -353,18 +383,39 @@ class ValidTiledInferer(Inferer):
         elem_bytes: int = 4,
         folded: bool = True,
         device_type: str = "cpu",
+        mask: torch.Tensor | np.ndarray | None = None,
     ) -> tuple[int, int, int]:
-        """The output tile (aligned mode) with the fewest total FLOPs whose batch of tiles fits ``budget_bytes``.
+        """The output tile (aligned mode) with the least total cost whose batch of tiles fits ``budget_bytes``.
 
         For every number of tiles per axis the tile is the smallest that covers the domain (see :meth:`plan`); among
         the combinations whose :func:`estimate_tile_bytes` fits and whose largest activation stays below 2**31
-        elements, the one with the least ``tiles x forward_flops(tile)`` wins: large, near-cubic tiles, because the
-        88-voxel halo is paid once per tile. Falls back to the smallest tile when nothing fits.
+        elements, the one with the least ``tiles x (forward_flops(tile) + overhead)`` wins (``overhead`` =
+        ``tile_overhead`` x the FLOPs of the smallest tile). Without a
+        mask every tile counts: large, near-cubic tiles win, because the 88-voxel halo is paid once per tile.
+
+        With a ``mask`` ((B, 1, X, Y, Z) or (X, Y, Z), nonzero = candidate) only the tiles that run count, over all
+        passes of ``overlap`` (each pass rebalances the tile for its shifted domain, exactly as :meth:`plan`): a
+        sparse C2 skips many small tiles and few large ones. The combinations with up to 16 tiles per axis are
+        tried, as is the unmasked choice, so the result never costs more than the unmasked one. Falls back to the
+        smallest tile when nothing fits.
+
+        >>> inf = ValidTiledInferer()
+        >>> m = torch.zeros(1, 1, 200, 200, 200, dtype=torch.bool); m[..., 20:40, 20:40, 20:40] = True
+        >>> inf.choose_tile_size((200, 200, 200), 2**40, features=32), inf.choose_tile_size((200,) * 3, 2**40, mask=m)
+        ((204, 204, 204), (44, 44, 44))
         """
         min_tile = self._min_tile()
-        doms = [_valid_outputs_from(int(n), self.min_output, self.align) for n in spatial_size]
+        size = tuple(int(n) for n in spatial_size)
+        doms = [_valid_outputs_from(n, self.min_output, self.align) for n in size]
         options = [self._axis_options(d) for d in doms]
 
+        @functools.cache
+        def tile_flops(t: tuple[int, ...]) -> float:
+            return float(forward_flops([x + 2 * self.margin for x in t], in_channels, out_channels, features))
+
+        overhead = self.tile_overhead * tile_flops((min_tile,) * 3)
+
+        @functools.cache
         def fits(t: tuple[int, ...]) -> bool:
             ins = [x + 2 * self.margin for x in t]
             b = self.sw_batch_size
@@ -373,20 +424,89 @@ class ValidTiledInferer(Inferer):
             )
             return est <= budget_bytes and max_activation_elements(ins, features, 1) <= _MAX_ELEMENTS
 
-        best: tuple[tuple[int, int], tuple[int, int, int]] | None = None
+        best: tuple[tuple[float, int], tuple[int, int, int]] | None = None
         for cx, tx in options[0]:
             for cy, ty in options[1]:
                 for cz, tz in options[2]:  # ascending counts: the first fit is the largest z tile for (x, y)
                     tile = (tx, ty, tz)
                     if fits(tile):
-                        ins = [t + 2 * self.margin for t in tile]
-                        cost = cx * cy * cz * forward_flops(ins, in_channels, out_channels, features)
-                        if best is None or (cost, cx * cy * cz) < best[0]:
-                            best = ((cost, cx * cy * cz), tile)
+                        n = cx * cy * cz
+                        cost = n * (tile_flops(tile) + overhead)
+                        if best is None or (cost, n) < best[0]:
+                            best = ((cost, n), tile)
                         break
         if best is None:
             return tuple(min(min_tile, d) for d in doms)
+        if mask is None:
+            return best[1]
+        counter = self._masked_cost(mask, size)
+        if counter is None:  # empty mask: nothing runs, any tile will do
+            return best[1]
+        best = (counter(best[1], tile_flops, overhead), best[1])
+        for cx, tx in options[0]:
+            for cy, ty in options[1]:
+                for cz, tz in options[2]:
+                    tile = (tx, ty, tz)
+                    if max(cx, cy, cz) > _MASKED_MAX_COUNT or not fits(tile):
+                        continue
+                    key = counter(tile, tile_flops, overhead)
+                    if key < best[0]:
+                        best = (key, tile)
         return best[1]
+
+    def _masked_cost(self, mask: torch.Tensor | np.ndarray, size: tuple[int, ...]) -> Callable | None:
+        """``cost(tile, tile_flops, overhead) -> (cost, tiles run)`` over all passes for ``mask``; None if empty.
+
+        Tile boundaries of every pass fall on multiples of ``align / 2`` in image coordinates (multiples of
+        ``align`` from a domain origin shifted by 0 or ``align / 2``) or on the image end, so the mask is reduced to
+        a block occupancy grid once, and each tile's test is four lookups in its summed-area table.
+        """
+        blk = self.align // 2
+        m = torch.as_tensor(mask).reshape(-1, *size)
+        m = m if m.dtype == torch.bool else m != 0
+        if not bool(m.any()):
+            return None
+        pads = [(-n) % blk for n in size]
+        if any(pads):
+            m = F.pad(m.view(torch.uint8), (0, pads[2], 0, pads[1], 0, pads[0])).bool()
+        g = [(n + p) // blk for n, p in zip(size, pads, strict=True)]
+        b = m.shape[0]  # one axis at a time: each step shrinks the data by blk
+        m = m.view(b * g[0], blk, -1).any(1).view(b, g[0], g[1], blk, -1).any(3)
+        occ = m.view(b, g[0], g[1], g[2], blk).any(4).cpu().numpy()
+        sat = np.zeros((occ.shape[0], g[0] + 1, g[1] + 1, g[2] + 1), np.int32)
+        sat[:, 1:, 1:, 1:] = occ.astype(np.int32).cumsum(1).cumsum(2).cumsum(3)
+        half = self.align // 2
+        shifts = [tuple(half * v for v in sh) for sh in _ALIGNED_SHIFTS[self.overlap]]
+
+        @functools.cache
+        def axis(a: int, wanted: int, s: int) -> tuple[int, np.ndarray, np.ndarray]:
+            t, _, write = self._axis_plan(size[a], wanted, s)
+            lo = np.array([w[0] // blk for w in write])
+            hi = np.array([-(-w[1] // blk) for w in write])
+            return t, lo, hi
+
+        def cost(tile, tile_flops, overhead) -> tuple[float, int]:
+            total, runs = 0.0, 0
+            for sh in shifts:
+                (tx, x0, x1), (ty, y0, y1), (tz, z0, z1) = (axis(a, tile[a], sh[a]) for a in range(3))
+                x0, x1 = x0[:, None, None], x1[:, None, None]
+                y0, y1 = y0[None, :, None], y1[None, :, None]
+                hits = (
+                    sat[:, x1, y1, z1]
+                    - sat[:, x0, y1, z1]
+                    - sat[:, x1, y0, z1]
+                    - sat[:, x1, y1, z0]
+                    + sat[:, x0, y0, z1]
+                    + sat[:, x0, y1, z0]
+                    + sat[:, x1, y0, z0]
+                    - sat[:, x0, y0, z0]
+                )
+                n = int(np.count_nonzero(hits))
+                total += n * (tile_flops((tx, ty, tz)) + overhead)
+                runs += n
+            return total, runs
+
+        return cost
 
     def _min_tile(self) -> int:
         """Smallest output tile that tiles a larger domain (its stride must be at least ``align``)."""
@@ -430,13 +550,15 @@ class ValidTiledInferer(Inferer):
             return network, False, None
         dtype = torch.bfloat16 if self.amp else torch.float32
         state = tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in network.state_dict().values())
-        key = (state, dtype, use_cl)
+        key = (state, dtype, use_cl, self.compile)
         cached = self._fold_cache.get(network)
         if cached is not None and cached[0] == key:
             return cached[1], True, dtype
         folded = fold_batchnorm(network).to(dtype=dtype)
         if use_cl:
             folded = folded.to(memory_format=torch.channels_last_3d)
+        if self.compile:
+            folded = torch.compile(folded, dynamic=False)
         self._fold_cache[network] = (key, folded)
         return folded, True, dtype
 
@@ -496,6 +618,7 @@ class ValidTiledInferer(Inferer):
                     elem_bytes=elem,
                     folded=folded,
                     device_type=device.type,
+                    mask=mask if self.mask_aware else None,
                 )
             passes, out, stats, fallbacks = self._run_with_fallbacks(
                 x, net, spatial, tile, mask, device, out_device, cast, out_channels

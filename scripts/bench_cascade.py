@@ -1,0 +1,877 @@
+"""End-to-end speed and memory benchmark of the cascade (issue 7): one command, CPU or CUDA, markdown + JSON.
+
+What it measures, on a synthetic full-size CT (``custom.phantom``, written to NIfTI first, then read back like any
+input), with random Kaiming-initialised networks at the paper's widths (the same weights for every variant):
+
+- **cascade**: ``CascadeRunner.run_case`` split into reading, preprocessing (per transform), stage 1, C2, stage 2,
+  resampling back to the input grid and writing, for the project's default tiling (aligned, mask-aware tiles, stage 2
+  averaged over R = 4 pooling-phase passes), the same without mask-aware tiles, and the paper's tiling (44x44x28
+  output tiles, stage 1 non-overlapping, stage 2 with the paper's 4x overlap). C2 is the dilated *ground truth*
+  (r = 3) of the phantom by default (``--c2 label``): random weights would predict foreground almost everywhere, and
+  the point is the cost at a realistic C2 (~5-10 % of the voxels); the C2 step still runs the same distance transform.
+- **monai**: MONAI's ``sliding_window_inference`` with the spleen bundle's UNet (16-256 channels, 2 residual units,
+  batch norm), roi 96^3, overlap 0.25 and 0.5, sw_batch_size 4, on the same resampled volume: the usual reference.
+- **train**: training throughput at the paper's patch (132x132x116; batch 2 on CUDA, 1 on CPU): the full loop (data
+  loader + ``RandCandidateCropd`` sampler + on-device augmentation + step, MONAI's ``SupervisedTrainer`` with the
+  components of ``train.json``) against the pure compute step (forward + loss + backward + SGD on a fixed batch).
+- **levers**: precision / memory layout / BatchNorm folding of one tile, resampling labels vs probabilities back,
+  C1 on the full vs the working grid, NIfTI gzip level, and the FLOPs of mask-aware vs budget-only tile choice.
+- **large**: peak RAM (and GPU memory) of the project's cascade on a 512x512x1000 CT.
+
+Peak RAM is the process's high-water mark (``VmHWM``, reset before each section through ``/proc/self/clear_refs``,
+so it includes what the process already held); GPU peaks are ``torch.cuda.max_memory_allocated``.
+
+Examples::
+
+    python scripts/bench_cascade.py --quick                          # smoke test, ~1 minute on 2 CPU cores
+    python scripts/bench_cascade.py --json bench.json                # everything (CPU: an hour or more)
+    python scripts/bench_cascade.py --skip-paper --skip-large        # CPU: the project's cascade and levers only
+    python scripts/bench_cascade.py --paper-extrapolate --large-features 8   # CPU: paper rows from timed tiles
+
+On a 2-core CPU the paper's tiling alone takes ~25 minutes on this CT; ``--paper-extrapolate`` times a few tiles per
+stage through the same inferer and multiplies by the number of tiles that run (the table says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from custom.cascade import CascadeInferer, CascadeRunner  # noqa: E402
+from custom.inferer import ValidTiledInferer  # noqa: E402
+from custom.network import ValidUNet3D, forward_flops  # noqa: E402
+
+CONFIGS = ROOT / "bundle" / "configs"
+PATCH = (132, 132, 116)
+
+
+# ------------------------------------------------------------------------------------------------ measuring helpers
+def _status_kb(field: str) -> int | None:
+    try:
+        m = re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+class Peak:
+    """Peak memory over a block: process RSS high-water mark (Linux) and, on CUDA, max allocated GPU memory."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> Peak:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        except OSError:
+            pass
+        self.rss_before_gb = (_status_kb("VmRSS") or 0) / 2**20
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self.t0
+        hwm = _status_kb("VmHWM")
+        self.ram_gb = None if hwm is None else hwm / 2**20
+        self.gpu_gb = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+
+    def as_dict(self) -> dict:
+        return {"peak_ram_gb": self.ram_gb, "ram_before_gb": self.rss_before_gb, "peak_gpu_gb": self.gpu_gb}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int = 1, warmup: int = 0) -> tuple[float, object]:
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` untimed ones, and the last result."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def log(msg: str) -> None:
+    print(f"# [{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------- set-up
+def make_net(features: int, classes: int, seed: int, device: torch.device) -> ValidUNet3D:
+    """A Kaiming-initialised :class:`ValidUNet3D` (the network's own init) with non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    net = ValidUNet3D(in_channels=1, out_channels=classes, features=features)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):  # as after training: folding must matter
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=g) * 0.2 - 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+    return net.to(device).eval()
+
+
+def parser_for(*names: str, **overrides):
+    from monai.bundle import ConfigParser
+
+    cp = ConfigParser()
+    cp.read_config([str(CONFIGS / n) for n in names])
+    for k, v in overrides.items():
+        cp[k.replace("__", "#")] = v
+    return cp
+
+
+def write_phantom(folder: Path, seed: int, preset: str, **kw) -> dict:
+    from custom.io import write_nifti_safely
+    from custom.phantom import generate_phantom
+
+    t0 = time.perf_counter()
+    p = generate_phantom(seed, preset=preset, **kw)
+    gen = time.perf_counter() - t0
+    name = f"ct_{p.image.shape[2]}"
+    img = write_nifti_safely(p.image, p.affine, folder / f"{name}.nii.gz", overwrite=True)
+    lab = write_nifti_safely(p.label, p.affine, folder / f"{name}_label.nii.gz", overwrite=True)
+    info = {
+        "image": str(img),
+        "label": str(lab),
+        "case_id": name,
+        "shape": list(p.image.shape),
+        "spacing": [float(s) for s in np.abs(np.diag(p.affine)[:3])],
+        "generate_seconds": gen,
+        "file_mb": img.stat().st_size / 2**20,
+        "labels": dict(p.labels),
+    }
+    del p
+    gc.collect()
+    return info
+
+
+class TimedCompose:
+    """Builds a ``Compose`` whose call records the seconds of every transform (``times``); inversion is unchanged."""
+
+    @staticmethod
+    def make(transforms):
+        from monai.transforms import Compose
+
+        class _Timed(Compose):
+            def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+                self.times = {}
+                end = len(self.transforms) if end is None else end
+                for i in range(start, end):
+                    t0 = time.perf_counter()
+                    input_ = super().__call__(input_, start=i, end=i + 1, threading=threading, lazy=lazy)
+                    name = type(self.transforms[i]).__name__
+                    self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+                return input_
+
+        return _Timed(transforms)
+
+
+class LabelC2Cascade(CascadeInferer):
+    """The project's cascade with C2 taken from a fixed label map (the dilated ground truth) instead of stage 1.
+
+    The C2 step is otherwise the same (the same distance transform and intersection with C1)."""
+
+    c2_label: torch.Tensor | None = None
+
+    def candidates(self, stage1_labels, mask=None):
+        src = stage1_labels if self.c2_label is None else self.c2_label.to(stage1_labels.device)
+        return super().candidates(src, mask)
+
+
+# -------------------------------------------------------------------------------------------------------- sections
+def preprocess_with_label(case: dict, target_spacing) -> dict:
+    """The config's preprocessing with the label resampled alongside (for C2 from the label and for training)."""
+    cp = parser_for("common.json", load_keys=["image", "label"], load_modes=["bilinear", "nearest"])
+    if target_spacing is not None:
+        cp["target_spacing"] = list(target_spacing)
+    from monai.transforms import Compose
+
+    return Compose(cp.get_parsed_content("preprocessing_transforms"))({"image": case["image"], "label": case["label"]})
+
+
+def tile_inferers(cp, mode: str, mask_aware: bool, stage2_overlap: int, args) -> tuple:
+    common = {"pad_value": cp.get_parsed_content("pad_value"), "amp": not args.fp32, "compile": args.compile}
+    if mode == "paper":
+        return (
+            ValidTiledInferer(mode="paper", overlap=1, **common),
+            ValidTiledInferer(mode="paper", overlap=stage2_overlap, **common),
+        )
+    return (
+        ValidTiledInferer(mode="aligned", overlap=args.stage1_overlap, mask_aware=mask_aware, **common),
+        ValidTiledInferer(mode="aligned", overlap=stage2_overlap, mask_aware=mask_aware, **common),
+    )
+
+
+VARIANTS = {
+    # name: (tiling mode, mask-aware tile choice)
+    "project": ("aligned", True),
+    "project-budget-tiles": ("aligned", False),
+    "paper": ("paper", False),
+}
+
+
+def run_cascade(case: dict, pre: dict, nets, variant: str, args, device, outdir: Path) -> dict:
+    """One case through ``CascadeRunner.run_case`` with one tiling variant: the timings of every step and peaks."""
+    mode, mask_aware = VARIANTS[variant]
+    cp = parser_for("common.json", "inference.json", load_keys=["image"], load_modes=["bilinear"])
+    if args.target_spacing:
+        cp["target_spacing"] = args.target_spacing
+    pre_t = TimedCompose.make(cp.get_parsed_content("preprocessing_transforms"))
+    s1, s2 = tile_inferers(cp, mode, mask_aware, args.stage2_overlap, args)
+    labels = cp.get_parsed_content("labels")
+    cascade = LabelC2Cascade(nets[0], s1, s2, radius=3, labels=labels)
+    if args.c2 == "label":
+        cascade.c2_label = pre["label"][None].round().to(torch.uint8)
+    runner = CascadeRunner(
+        data=[case],
+        preprocessing=pre_t,
+        cascade=cascade,
+        stage2_network=nets[1],
+        output_dir=str(outdir / variant),
+        labels=labels,
+        device=device,
+        save=("qc",),
+        overwrite=True,
+        progress=False,
+    )
+    log(f"cascade {variant}: running")
+    with Peak(device) as pk:
+        qc = runner.run_case(case)
+    sec = dict(qc["seconds"])
+    reading = pre_t.times.get("CheckedLoadImaged", 0.0)
+    row = {
+        "variant": variant,
+        "reading": reading,
+        "preprocessing": sec["read_preprocess"] - reading,
+        "preprocessing_steps": pre_t.times,
+        "stage1": sec["stage1"],
+        "c2": sec["c2"],
+        "stage2": sec["stage2"],
+        "resample_back": sec["resample_back"],
+        "write": sec["write"],
+        "total": sec["total"],
+        "wall": pk.seconds,
+        "c1_fraction": qc["c1_fraction"],
+        "c2_fraction": qc["c2_fraction"],
+        "working_shape": list(pre["image"].shape[1:]),
+        "stages": {},
+        **pk.as_dict(),
+    }
+    for st, inf in (("stage1", s1), ("stage2", s2)):
+        ls = inf.last_stats
+        row["stages"][st] = {
+            k: ls.get(k) for k in ("tiles_run", "tiles_skipped", "tile_size", "input_tile_size", "passes", "flops")
+        }
+    log(f"cascade {variant}: {row['total']:.1f} s, peak RAM {row['peak_ram_gb']:.2f} GB")
+    return row
+
+
+def count_tiles(inferer: ValidTiledInferer, spatial, mask: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """Tiles that run for ``mask`` (write region holds a candidate) and the tile size, without running anything."""
+    passes = inferer.plan(spatial)
+    m = mask.reshape(*spatial).bool()
+    n = 0
+    for p in passes:
+        for w in p.write:
+            n += bool(m[w[0][0] : w[0][1], w[1][0] : w[1][1], w[2][0] : w[2][1]].any())
+    return n, passes[0].tile_size
+
+
+def paper_extrapolated(pre: dict, nets, args, device) -> dict:
+    """Paper tiling, per stage: tiles that run x the median time of one tile through the same inferer path."""
+    cp = parser_for("common.json", "inference.json")
+    s1, s2 = tile_inferers(cp, "paper", False, args.stage2_overlap, args)
+    spatial = tuple(pre["image"].shape[1:])
+    c1 = pre["c1"][0]
+    from custom.candidates import candidate_region
+
+    c2 = torch.as_tensor(candidate_region(pre["label"][0].numpy().round().astype(np.uint8), 3, body=c1.numpy() > 0))
+    row = {"variant": "paper (extrapolated)", "stages": {}}
+    for st, inf, mask, net in (("stage1", s1, c1, nets[0]), ("stage2", s2, c2, nets[1])):
+        n, tile = count_tiles(inf, spatial, mask)
+        one = ValidTiledInferer(mode="paper", overlap=1, tile_size=tile, amp=not args.fp32)
+        x = torch.randn(1, 1, tile[0] * 2, *tile[1:], device=device)  # 2 tiles per call
+        sec, _ = timed(lambda one=one, x=x, net=net: one(x, net), device, repeats=args.repeats, warmup=1)
+        per_tile = sec / 2
+        row["stages"][st] = {"tiles_run": n, "tile_size": list(tile), "seconds_per_tile": per_tile}
+        row[st] = n * per_tile
+        row["stages"][st]["flops"] = n * forward_flops([t + 88 for t in tile], 1, args.classes, args.features)
+        log(f"paper extrapolated {st}: {n} tiles x {per_tile:.2f} s")
+    return row
+
+
+def monai_reference(pre: dict, args, device) -> list[dict]:
+    from monai.inferers import sliding_window_inference
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=args.classes,
+        channels=(16, 32, 64, 128, 256),
+        strides=(2, 2, 2, 2),
+        num_res_units=2,
+        norm="batch",
+    )
+    net = net.to(device).eval()
+    x = pre["image"][None].as_tensor().to(device)
+    rows = []
+    ctx = (
+        (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+        if not args.fp32
+        else (lambda: torch.autocast(device_type=device.type, enabled=False))
+    )
+    for overlap in (0.25, 0.5):
+
+        def run(overlap=overlap):
+            with torch.no_grad(), ctx():
+                return sliding_window_inference(x, (96, 96, 96), 4, net, overlap=overlap)
+
+        with Peak(device) as pk:
+            sec, out = timed(run, device, repeats=args.repeats, warmup=1 if device.type == "cuda" else 0)
+        rows.append({"overlap": overlap, "seconds": sec, "shape": list(out.shape[2:]), **pk.as_dict()})
+        log(f"monai UNet overlap {overlap}: {sec:.2f} s")
+        del out
+    return rows
+
+
+def training(pre: dict, args, device) -> list[dict]:
+    """Full loop (loader + sampler + augmentation + step) vs the compute step alone, samples per second."""
+    from ignite.engine import Events
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedTrainer
+    from monai.transforms import Compose, Randomizable
+
+    batch = 2 if device.type == "cuda" else 1
+    patch = list(args.patch)
+    cp = parser_for(
+        "common.json",
+        "train.json",
+        features=args.features,
+        patch_size=patch,
+        batch_size=batch,
+        samples_per_volume=batch,
+    )
+    if args.quick:
+        cp["train#augment#translation"] = 4
+    if args.target_spacing:
+        cp["target_spacing"] = args.target_spacing
+    net = make_net(args.features, args.classes, 0, device).train()
+    sampling = cp.get_parsed_content("train#sampling_transforms")
+    first_random = next(i for i, t in enumerate(sampling) if isinstance(t, Randomizable))
+    augment = cp.get_parsed_content("train#augment")
+    prepare = cp.get_parsed_content("train#prepare_batch")
+    loss_fn = cp.get_parsed_content("loss")
+    amp = bool(cp.get_parsed_content("amp"))
+    lr, momentum = cp.get_parsed_content("learning_rate"), cp.get_parsed_content("momentum")
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=1e-4)
+    # as CacheDataset in train.json: the deterministic transforms once, the random ones (the sampler) per item
+    item = Compose(sampling[:first_random])({k: pre[k] for k in ("image", "label", "c1")})
+    n_iter = args.train_iters
+    ds = Dataset([item] * (n_iter + 1), transform=Compose(sampling[first_random:]))
+    workers = args.num_workers
+    loader = DataLoader(ds, batch_size=1, shuffle=True, num_workers=workers)
+    stamps: list[float] = []
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=1,
+        train_data_loader=loader,
+        network=net,
+        optimizer=opt,
+        loss_function=loss_fn,
+        prepare_batch=prepare,
+        amp=amp,
+        decollate=False,
+    )
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _stamp(engine):
+        _sync(device)
+        stamps.append(time.perf_counter())
+
+    rows = []
+    log(f"training: full loop, {n_iter + 1} iterations of batch {batch}")
+    with Peak(device) as pk:
+        t0 = time.perf_counter()
+        trainer.run()
+    first = stamps[0] - t0
+    per = statistics.median(np.diff(stamps)) if len(stamps) > 1 else first
+    rows.append(
+        {
+            "what": f"full loop: loader ({workers} workers) + sampler + augmentation + step (amp={amp})",
+            "batch": batch,
+            "seconds_per_iteration": per,
+            "first_iteration": first,
+            "samples_per_s": batch / per,
+            **pk.as_dict(),
+        }
+    )
+    # one fixed batch on the device for the compute-only rows
+    data = next(iter(DataLoader(ds, batch_size=1, num_workers=0)))
+    x, y = prepare(data, device)
+
+    def step_fn(dtype, channels_last):
+        xx = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+        scaler = torch.amp.GradScaler("cuda") if (dtype == torch.float16 and device.type == "cuda") else None
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            ctx = torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+            with ctx:
+                loss = loss_fn(net(xx), y)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            return loss
+
+        return step
+
+    cfg_dtype = torch.float16 if amp else None
+    variants = [("compute step as the config (fwd + CE + bwd + SGD)", cfg_dtype, False)]
+    variants.append(("compute step, bf16 autocast + channels_last_3d", torch.bfloat16, True))
+    for what, dtype, cl in variants:
+        if cl:
+            net.to(memory_format=torch.channels_last_3d)
+        log(f"training: {what}")
+        with Peak(device) as pk:
+            sec, _ = timed(step_fn(dtype, cl), device, repeats=args.train_iters, warmup=1)
+        rows.append({"what": what, "batch": batch, "seconds_per_iteration": sec, "samples_per_s": batch / sec})
+        rows[-1].update(pk.as_dict())
+    rows[0]["loader_share"] = 1.0 - rows[1]["seconds_per_iteration"] / rows[0]["seconds_per_iteration"]
+    del augment
+    return rows
+
+
+def levers(case: dict, pre: dict, nets, args, device, outdir: Path) -> dict:
+    """Each speed lever measured on its own."""
+    out: dict = {}
+    spatial = tuple(pre["image"].shape[1:])
+    # 1. tile choice: FLOPs of the tiles that run, budget-only vs mask-aware (exact counts, nothing run)
+    from custom.candidates import candidate_region
+
+    c1 = pre["c1"][0]
+    c2 = torch.as_tensor(candidate_region(pre["label"][0].numpy().round().astype(np.uint8), 3, body=c1.numpy() > 0))
+    rows = []
+    budget = 4 * 2**30 if device.type == "cpu" else 40 * 2**30
+    for st, mask, r in (("stage1 (C1)", c1, args.stage1_overlap), ("stage2 (C2)", c2, args.stage2_overlap)):
+        for name, aware in (("budget only", False), ("mask-aware", True)):
+            inf = ValidTiledInferer(overlap=r, mask_aware=aware)
+            t0 = time.perf_counter()
+            tile = inf.choose_tile_size(
+                spatial,
+                budget,
+                out_channels=args.classes,
+                features=args.features,
+                elem_bytes=4 if args.fp32 else 2,
+                device_type=device.type,
+                mask=mask[None, None] if aware else None,
+            )
+            choose = time.perf_counter() - t0
+            passes = inf.plan(spatial, tile)
+            m = mask.bool()
+            runs = flops = 0
+            for p in passes:
+                f = forward_flops([t + 88 for t in p.tile_size], 1, args.classes, args.features)
+                for w in p.write:
+                    if bool(m[w[0][0] : w[0][1], w[1][0] : w[1][1], w[2][0] : w[2][1]].any()):
+                        runs += 1
+                        flops += f
+            total = sum(len(p.starts) for p in passes)
+            rows.append(
+                {
+                    "stage": st,
+                    "overlap": r,
+                    "choice": name,
+                    "tile": list(tile),
+                    "tiles_run": runs,
+                    "tiles_total": total,
+                    "tflop": flops / 1e12,
+                    "choose_seconds": choose,
+                }
+            )
+        pt = ValidTiledInferer(mode="paper", overlap=1 if st.startswith("stage1") else args.stage2_overlap)
+        n, tile = count_tiles(pt, spatial, mask)
+        f = forward_flops([t + 88 for t in tile], 1, args.classes, args.features)
+        rows.append(
+            {
+                "stage": st,
+                "overlap": pt.overlap,
+                "choice": "paper tiles",
+                "tile": list(tile),
+                "tiles_run": n,
+                "tiles_total": sum(len(p.starts) for p in pt.plan(spatial)),
+                "tflop": n * f / 1e12,
+                "choose_seconds": 0.0,
+            }
+        )
+    out["tile_choice"] = rows
+    log("levers: tile choice done")
+
+    # 2. precision, layout and BatchNorm folding: one tile through the inferer (paper-size input 132x132x116)
+    tile = (44, 44, 28)
+    x = torch.randn(1, 1, *tile, device=device)
+    prec = []
+    configs = [
+        ("fp32, NCDHW, BN unfolded", dict(amp=False, channels_last=False, fold_bn=False)),
+        ("fp32, channels_last_3d, BN unfolded", dict(amp=False, channels_last=True, fold_bn=False)),
+        ("bf16 autocast, channels_last_3d, BN unfolded", dict(amp=True, channels_last=True, fold_bn=False)),
+        ("bf16, channels_last_3d, BN folded (default)", dict(amp=True, channels_last=True, fold_bn=True)),
+    ]
+    if args.compile:
+        configs.append(("bf16, channels_last_3d, BN folded, torch.compile", dict(compile=True)))
+    for name, kw in configs:
+        inf = ValidTiledInferer(tile_size=tile, **kw)
+        sec, _ = timed(lambda inf=inf: inf(x, nets[1]), device, repeats=args.repeats, warmup=1)
+        fl = forward_flops([t + 88 for t in tile], 1, args.classes, args.features)
+        prec.append({"config": name, "seconds_per_tile": sec, "tflop_per_s": fl / sec / 1e12})
+        log(f"levers: {name}: {sec:.3f} s/tile")
+    out["precision"] = prec
+
+    # 3. back to the input grid: argmax labels (uint8, nearest; the runner's path) vs 8 float probabilities (linear)
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, Invertd
+
+    cp = parser_for("common.json", load_keys=["image"], load_modes=["bilinear"])
+    if args.target_spacing:
+        cp["target_spacing"] = args.target_spacing
+    pre_img = Compose(cp.get_parsed_content("preprocessing_transforms"))
+    d = pre_img({"image": case["image"]})
+    img = d["image"]
+    prob = torch.softmax(torch.randn(args.classes, *img.shape[1:]), 0)
+    lab = prob.argmax(0, keepdim=True).to(torch.uint8)
+    back = []
+    for name, t, nearest in (
+        ("argmax labels, uint8, nearest", lab, True),
+        ("probabilities, float32, linear", prob, False),
+    ):
+        mt = MetaTensor(t, meta=dict(img.meta), applied_operations=list(img.applied_operations))
+        inv = Invertd(keys="x", transform=pre_img, orig_keys="image", nearest_interp=nearest)
+        with Peak(torch.device("cpu")) as pk:
+            res = inv({"image": img, "x": mt})["x"]
+        back.append({"what": name, "seconds": pk.seconds, "shape": list(res.shape), **pk.as_dict()})
+        log(f"levers: resample back {name}: {pk.seconds:.2f} s")
+        del res, mt
+    out["resample_back"] = back
+    del prob
+
+    # 4. C1 on the working grid (what the config does) vs on the full-resolution grid
+    from monai.transforms import LoadImaged, Orientationd
+
+    from custom.candidates import BodyMaskd
+
+    full = Orientationd("image", "RAS")(LoadImaged("image", ensure_channel_first=True)({"image": case["image"]}))
+    spacing_t = next(t for t in cp.get_parsed_content("preprocessing_transforms") if type(t).__name__ == "Spacingd")
+    working = spacing_t(dict(full))
+    thr = cp.get_parsed_content("body_threshold")
+    c1_rows = []
+    for name, dd in (("working grid", working), ("full resolution", full)):
+        sec, _ = timed(lambda dd=dd: BodyMaskd("image", mask_key="c1", threshold=thr)(dict(dd)), torch.device("cpu"))
+        c1_rows.append({"grid": name, "shape": list(dd["image"].shape[1:]), "seconds": sec})
+    out["c1"] = c1_rows
+    del full, working
+
+    # 5. writing the label map: gzip level (nibabel's default is 1) and uncompressed
+    import nibabel as nib
+
+    seg = np.asarray(nib.load(case["label"]).dataobj).astype(np.uint8)
+    aff = nib.load(case["label"]).affine
+    wr = []
+    for name, level in (
+        ("gzip level 1 (default)", 1),
+        ("gzip level 6", 6),
+        ("gzip level 9", 9),
+        ("uncompressed", None),
+    ):
+        path = outdir / ("seg_write.nii" if level is None else f"seg_write_{level}.nii.gz")
+        from nibabel.openers import Opener
+
+        old = Opener.default_compresslevel
+        try:
+            if level is not None:
+                Opener.default_compresslevel = level
+            t0 = time.perf_counter()
+            nib.save(nib.Nifti1Image(seg, aff), str(path))
+            sec = time.perf_counter() - t0
+        finally:
+            Opener.default_compresslevel = old
+        wr.append({"what": name, "seconds": sec, "mb": path.stat().st_size / 2**20})
+    out["write"] = wr
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- report
+def _f(v, fmt="{:.1f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def report(res: dict) -> str:
+    L = [
+        f"Device: {res['device_name']}; torch {res['torch']}, monai {res['monai_version']}; {res['date']}",
+        f"CT {'x'.join(map(str, res['case']['shape']))} at {res['case']['spacing']} mm "
+        f"({res['case']['file_mb']:.0f} MB .nii.gz); features {res['features']}, K = {res['classes']}, "
+        f"{'fp32' if res['fp32'] else 'bf16'}; stage 2 overlap R = {res['stage2_overlap']}; C2 from {res['c2']}",
+        "",
+    ]
+    cas = res.get("cascade", [])
+    if cas:
+        w = cas[0].get("working_shape")
+        L += [
+            f"### Cascade, one case (working grid {'x'.join(map(str, w or []))}, "
+            f"C1 {cas[0].get('c1_fraction', 0):.0%}, C2 {cas[0].get('c2_fraction', 0):.1%} of voxels)",
+            "",
+            "| variant | read | preprocess | stage 1 | C2 | stage 2 | back | write | total (s) | stage 1 tiles "
+            "| stage 2 tiles | TFLOP 1 + 2 | peak RAM GB | peak GPU GB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in cas:
+            st = r.get("stages", {})
+            tiles = []
+            fl = 0.0
+            for s in ("stage1", "stage2"):
+                d = st.get(s, {})
+                tiles.append(f"{d.get('tiles_run', '-')} x {'x'.join(map(str, d.get('tile_size') or []))}")
+                fl += (d.get("flops") or 0) / 1e12
+            L.append(
+                f"| {r['variant']} | {_f(r.get('reading'))} | {_f(r.get('preprocessing'))} | {_f(r.get('stage1'))} "
+                f"| {_f(r.get('c2'))} | {_f(r.get('stage2'))} | {_f(r.get('resample_back'))} | {_f(r.get('write'))} "
+                f"| {_f(r.get('total'))} | {tiles[0]} | {tiles[1]} | {fl:.3g} | {_f(r.get('peak_ram_gb'), '{:.2f}')} "
+                f"| {_f(r.get('peak_gpu_gb'), '{:.2f}')} |"
+            )
+        by = {r["variant"]: r for r in cas}
+        ref = by.get("paper") or by.get("paper (extrapolated)")
+        if ref and "project" in by:
+            a = ref["stage1"] + ref["stage2"]
+            b = by["project"]["stage1"] + by["project"]["stage2"]
+            L += ["", f"Network stages, paper tiling / project: {a:.1f} s / {b:.1f} s = **{a / b:.2f}x**"]
+        steps = cas[0].get("preprocessing_steps")
+        if steps:
+            L += ["", "Preprocessing steps (s): " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items())]
+        L.append("")
+    if res.get("monai"):
+        L += ["### MONAI reference: spleen-bundle UNet, sliding_window_inference 96^3, sw_batch_size 4", ""]
+        L += ["| overlap | seconds | peak RAM GB | peak GPU GB |", "|---|---|---|---|"]
+        for r in res["monai"]:
+            L.append(
+                f"| {r['overlap']} | {r['seconds']:.2f} | {_f(r['peak_ram_gb'], '{:.2f}')} "
+                f"| {_f(r['peak_gpu_gb'], '{:.2f}')} |"
+            )
+        L.append("")
+    if res.get("train"):
+        L += [f"### Training throughput, patch {'x'.join(map(str, res['patch']))}", ""]
+        L += ["| what | batch | s / iteration | samples / s | peak RAM GB | peak GPU GB |", "|---|---|---|---|---|---|"]
+        for r in res["train"]:
+            L.append(
+                f"| {r['what']} | {r['batch']} | {r['seconds_per_iteration']:.3f} | {r['samples_per_s']:.2f} "
+                f"| {_f(r.get('peak_ram_gb'), '{:.2f}')} | {_f(r.get('peak_gpu_gb'), '{:.2f}')} |"
+            )
+        L.append("")
+    lv = res.get("levers")
+    if lv:
+        L += ["### Levers", "", "| stage | R | tile choice | output tile | tiles run / all | TFLOP | choice s |"]
+        L.append("|---|---|---|---|---|---|---|")
+        for r in lv["tile_choice"]:
+            L.append(
+                f"| {r['stage']} | {r['overlap']} | {r['choice']} | {'x'.join(map(str, r['tile']))} | "
+                f"{r['tiles_run']} / {r['tiles_total']} | {r['tflop']:.2f} | {r['choose_seconds']:.2f} |"
+            )
+        L += ["", "| one 132x132x116 tile | s / tile | TFLOP/s |", "|---|---|---|"]
+        for r in lv["precision"]:
+            L.append(f"| {r['config']} | {r['seconds_per_tile']:.3f} | {r['tflop_per_s']:.3f} |")
+        L += ["", "| back to the input grid | s | peak RAM GB |", "|---|---|---|"]
+        for r in lv["resample_back"]:
+            L.append(f"| {r['what']} | {r['seconds']:.2f} | {_f(r['peak_ram_gb'], '{:.2f}')} |")
+        L += ["", "| C1 (BodyMaskd) on | shape | s |", "|---|---|---|"]
+        for r in lv["c1"]:
+            L.append(f"| {r['grid']} | {'x'.join(map(str, r['shape']))} | {r['seconds']:.2f} |")
+        L += ["", "| write the label map | s | MB |", "|---|---|---|"]
+        for r in lv["write"]:
+            L.append(f"| {r['what']} | {r['seconds']:.2f} | {r['mb']:.1f} |")
+        L.append("")
+    lg = res.get("large")
+    if lg:
+        L += [
+            f"### Large CT {'x'.join(map(str, lg['case']['shape']))} (features {lg['features']})",
+            "",
+            f"total {lg['total']:.1f} s (stage 1 {lg['stage1']:.1f}, stage 2 {lg['stage2']:.1f}); "
+            f"peak RAM {_f(lg.get('peak_ram_gb'), '{:.2f}')} GB (process held {lg['ram_before_gb']:.2f} GB before); "
+            f"peak GPU {_f(lg.get('peak_gpu_gb'), '{:.2f}')} GB",
+            "",
+        ]
+    return "\n".join(L)
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny phantom, features 2, coarse grid")
+    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--workdir", default=None, help="where the phantom CTs and outputs go (default: a temp folder)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed")
+    p.add_argument("--n-slices", type=int, default=400)
+    p.add_argument("--spacing", type=float, default=0.8, help="phantom voxel spacing (mm, all axes)")
+    p.add_argument("--features", type=int, default=None, help="network width f (default 32, --quick 2)")
+    p.add_argument("--classes", type=int, default=8)
+    p.add_argument("--fp32", action="store_true", help="float32 instead of bfloat16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the folded networks (CUDA)")
+    p.add_argument("--stage1-overlap", type=int, default=1)
+    p.add_argument("--stage2-overlap", type=int, default=4, help="R of stage 2 for every variant (default 4)")
+    p.add_argument("--c2", choices=("label", "prediction"), default="label")
+    p.add_argument("--variants", default="project,project-budget-tiles,paper", help=f"subset of {list(VARIANTS)}")
+    p.add_argument("--paper-extrapolate", action="store_true", help="paper rows from timed tiles x tiles that run")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats of short measurements (default 3, CPU 1)")
+    p.add_argument("--train-iters", type=int, default=None, help="timed training iterations (default 5, CPU 2)")
+    p.add_argument("--num-workers", type=int, default=2, help="training data-loader workers (train.json: 2)")
+    p.add_argument("--large-slices", type=int, default=1000)
+    p.add_argument("--large-features", type=int, default=None, help="network width for the large CT (default f)")
+    p.add_argument("--threads", type=int, default=None)
+    for s in ("cascade", "paper", "monai", "train", "levers", "large"):
+        p.add_argument(f"--skip-{s}", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cpu = device.type == "cpu"
+    args.features = args.features or (2 if args.quick else 32)
+    args.repeats = args.repeats or (1 if cpu else 3)
+    args.train_iters = args.train_iters or (2 if cpu else 5)
+    args.target_spacing = [6.0, 6.0, 6.0] if args.quick else None
+    args.patch = [100, 100, 92] if args.quick else list(PATCH)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+    if args.skip_paper or args.paper_extrapolate:
+        variants = [v for v in variants if v != "paper"]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_cascade_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    import monai
+
+    res: dict = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "monai_version": monai.__version__,
+        "date": datetime.date.today().isoformat(),
+        "features": args.features,
+        "classes": args.classes,
+        "fp32": args.fp32,
+        "stage2_overlap": args.stage2_overlap,
+        "c2": args.c2,
+        "patch": args.patch,
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
+    if args.quick:
+        kw = {"preset": "tiny"}
+    else:
+        kw = {"preset": "full", "spacing": (args.spacing,) * 3, "n_slices": args.n_slices}
+    log(f"phantom CT ({kw}) -> {workdir}")
+    case = write_phantom(workdir, args.seed, **kw)
+    res["case"] = {k: v for k, v in case.items() if k != "labels"}
+    pre = preprocess_with_label(case, args.target_spacing)
+    nets = (
+        make_net(args.features, args.classes, 1, device),
+        make_net(args.features, args.classes, 2, device),
+    )
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+
+    if not args.skip_cascade:
+        res["cascade"] = []
+        for v in variants:
+            res["cascade"].append(run_cascade(case, pre, nets, v, args, device, workdir))
+            save()
+        if args.paper_extrapolate and not args.skip_paper:
+            row = paper_extrapolated(pre, nets, args, device)
+            res["cascade"].append(row)
+            save()
+    if not args.skip_monai:
+        res["monai"] = monai_reference(pre, args, device)
+        save()
+    if not args.skip_train:
+        res["train"] = training(pre, args, device)
+        save()
+    if not args.skip_levers:
+        res["levers"] = levers(case, pre, nets, args, device, workdir)
+        save()
+    if not args.skip_large:
+        del pre
+        gc.collect()
+        if args.quick:
+            lkw = {"preset": "tiny", "n_slices": 2 * args.n_slices // 8}
+        else:
+            lkw = {"preset": "full", "spacing": (args.spacing,) * 3, "n_slices": args.large_slices}
+        log(f"large CT ({lkw})")
+        big = write_phantom(workdir, args.seed, **lkw)
+        big_pre = preprocess_with_label(big, args.target_spacing)
+        lf = args.large_features or args.features
+        big_nets = nets if lf == args.features else tuple(make_net(lf, args.classes, s, device) for s in (1, 2))
+        row = run_cascade(big, big_pre, big_nets, "project", args, device, workdir / "large")
+        row["case"] = {k: v for k, v in big.items() if k != "labels"}
+        row["features"] = lf
+        res["large"] = row
+        save()
+    text = report(res)
+    print(text)
+    res["markdown"] = text
+    save()
+    return res
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
