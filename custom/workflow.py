@@ -133,7 +133,14 @@ class SeededSampler(torch.utils.data.Sampler):
     def __init__(self, data_source: Sized | int, shuffle: bool = True, seed: int = 0):
         self.n = int(data_source) if isinstance(data_source, int) else len(data_source)
         self.shuffle = bool(shuffle)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.epoch = 0
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-seed from ``(seed, epoch)``: a run resumed at epoch e draws the same patches as an uninterrupted run."""
+        self.epoch = int(epoch)
+        self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
 
     def __len__(self) -> int:
         return self.n
@@ -168,3 +175,17 @@ class SeededDataset(torch.utils.data.Dataset):
             set_rnd(getattr(self.dataset, "transform", None) or self.dataset, seed)
             return self.dataset[index]
         return self.dataset[key]
+
+
+class SamplerEpochSetter:
+    """Ignite handler: ``sampler.set_epoch(epoch)`` at the start of every epoch (MONAI does this only for
+    ``DistributedSampler``), so the order and patch seeds depend on the epoch, not on how often the process iterated:
+    a resumed run continues with the uninterrupted run's data."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.sampler.set_epoch(e.state.epoch))
