@@ -14,7 +14,10 @@ Two tilings (details and measured costs in ``bundle/docs/tiling.md``):
   and the cost per output voxel approaches that of one pass (paper widths, 256x256x250 volume: 2.4 MFLOP per voxel
   for one pass, 3.2 with the CPU's default 4 GB budget, against 10.4 for the paper's 44x44x28 tiles).
   ``overlap=R`` (1, 2, 4, 8) averages R passes whose tilings are shifted by 4 voxels (half the pooling period) on
-  chosen axes: a test-time ensemble over pooling phases at R x one-pass cost.
+  chosen axes: a test-time ensemble over pooling phases. A shift of 4 voxels is a multiple of the first two pooling
+  periods (2 and 4), so the R passes differ only from the third pooling on: for a :class:`ValidUNet3D` the encoder
+  levels 1-3 (~70 % of the FLOPs) run once per tile on an input 4 voxels larger, and only the bottleneck and decoder
+  run once per pass (``share_encoder``): R = 4 costs ~1.9x one pass instead of 4x, with the same result.
 - ``mode="paper"``: the paper's fixed 44x44x28 output tiles (132x132x116 inputs), non-overlapping; with ``overlap=R``
   the stride is halved on x (R = 2), x and y (R = 4, the paper's "4x sampling") or x, y and z (R = 8), and the
   probabilities of all tiles covering a voxel are averaged (paper eq. 5). Adjacent tiles see different pooling phases,
@@ -64,9 +67,17 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 from torch import nn
 
-from custom.network import ValidUNet3D, fold_batchnorm, forward_flops
+from custom.network import ValidUNet3D, _center_crop, fold_batchnorm, forward_flops
 
-__all__ = ["ValidTiledInferer", "TilePass", "estimate_tile_bytes", "is_out_of_memory", "max_activation_elements"]
+__all__ = [
+    "ValidTiledInferer",
+    "TilePass",
+    "encoder_flops",
+    "estimate_tile_bytes",
+    "is_out_of_memory",
+    "max_activation_elements",
+    "shared_encoder_forward",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +114,71 @@ def max_activation_elements(in_size: Sequence[int], features: int = 32, batch: i
     """
     n = [int(s) for s in in_size]
     return batch * max(2 * features * math.prod(s - 4 for s in n), 6 * features * math.prod(max(s - 84, 0) for s in n))
+
+
+def encoder_flops(in_size: Sequence[int], in_channels: int = 1, features: int = 32) -> int:
+    """Forward FLOPs of the encoder levels 1-3 of :class:`ValidUNet3D` (the part the pooling-phase passes share).
+
+    ``in_size`` need not be a valid input size: an input 4 voxels larger than a tile serves the R passes of
+    ``overlap`` (see :func:`shared_encoder_forward`).
+    """
+    f = features
+    size = [int(s) for s in in_size]
+    total = 0
+    for level, (cin, cmid, cout) in enumerate(((in_channels, f, 2 * f), (2 * f, 2 * f, 4 * f), (4 * f, 4 * f, 8 * f))):
+        if level:
+            size = [s // 2 for s in size]
+        for a, b in ((cin, cmid), (cmid, cout)):
+            size = [s - 2 for s in size]
+            total += 2 * 27 * a * b * math.prod(size)
+    return total
+
+
+def _crop(x: torch.Tensor, offset: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    o, n = offset, size
+    return x[:, :, o[0] : o[0] + n[0], o[1] : o[1] + n[1], o[2] : o[2] + n[2]]
+
+
+def shared_encoder_forward(
+    net: ValidUNet3D, x: torch.Tensor, offsets: Sequence[Sequence[int]], in_size: Sequence[int]
+) -> list[torch.Tensor]:
+    """Logits of the ``in_size`` tiles of ``x`` at ``offsets`` (each 0 or 4 per axis), sharing encoder levels 1-3.
+
+    Valid convolutions commute with cropping, and an offset of 4 is a multiple of the first two pooling windows' period
+    (2 at level 1, 4 in input voxels at level 2), so the features of levels 1-3 of every tile are crops of those of
+    ``x``; the third pooling (period 8) differs between offsets 0 and 4 and runs per tile, with the bottleneck and the
+    decoder. Equals ``[net(crop) for crop in tiles]`` (same modules, same order of operations per tile).
+
+    >>> net = ValidUNet3D(out_channels=2, features=2).eval()
+    >>> x = torch.randn(1, 1, 104, 100, 100)
+    >>> a, b = shared_encoder_forward(net, x, [(0, 0, 0), (4, 0, 0)], (100, 100, 100))
+    >>> torch.allclose(a, net(x[..., :100, :, :]), atol=1e-5), torch.allclose(b, net(x[..., 4:, :, :]), atol=1e-5)
+    (True, True)
+    """
+    if net.align != 8 or net.margin != 44:
+        raise ValueError("shared_encoder_forward needs the ValidUNet3D layout (3 poolings, margin 44)")
+    for d in offsets:
+        if any(int(o) % 4 for o in d):
+            raise ValueError(f"tile offsets must be multiples of 4 (a quarter of the pooling period 8), got {d}")
+    s1 = net.enc1b(net.enc1a(x))
+    s2 = net.enc2b(net.enc2a(F.max_pool3d(s1, 2)))
+    s3 = net.enc3b(net.enc3a(F.max_pool3d(s2, 2)))
+    l1 = [int(n) - 4 for n in in_size]
+    l2 = [n // 2 - 4 for n in l1]
+    l3 = [n // 2 - 4 for n in l2]
+    outs = []
+    for d in offsets:
+        c1 = _crop(s1, [int(o) for o in d], l1)
+        c2 = _crop(s2, [int(o) // 2 for o in d], l2)
+        c3 = _crop(s3, [int(o) // 4 for o in d], l3)
+        u = net.up3(net.enc4b(net.enc4a(F.max_pool3d(c3, 2))))
+        u = net.dec3b(net.dec3a(torch.cat([u, _center_crop(c3, u)], dim=1)))
+        u = net.up2(u)
+        u = net.dec2b(net.dec2a(torch.cat([u, _center_crop(c2, u)], dim=1)))
+        u = net.up1(u)
+        u = net.dec1b(net.dec1a(torch.cat([u, _center_crop(c1, u)], dim=1)))
+        outs.append(net.head(u))
+    return outs
 
 
 def estimate_tile_bytes(
@@ -209,7 +285,10 @@ class ValidTiledInferer(Inferer):
             ~1 ms at ~290 TFLOP/s on an H200 (REFERENCE.md section 4; 1.0x). 0 counts FLOPs only.
         compile: ``torch.compile`` the folded copy (needs ``fold_bn`` and a :class:`ValidUNet3D`). Pays off on CUDA
             for many tiles of one size (REFERENCE.md: 2.75 -> 1.72 ms per paper tile on an H200); each new tile size
-            compiles again (tens of seconds), so it is off by default.
+            compiles again (tens of seconds), so it is off by default. The compiled module runs whole tiles: it
+            disables ``share_encoder``.
+        share_encoder: aligned mode with ``overlap`` > 1 and a :class:`ValidUNet3D`: run the encoder levels 1-3 once
+            per tile for all R passes (:func:`shared_encoder_forward`); the passes then share one tile grid.
 
     Call: ``inferer(inputs (B, C, X, Y, Z), network, mask=None) -> MetaTensor (B, K, X, Y, Z)``. After each call
     ``last_stats`` holds ``tiles_run``, ``tiles_skipped``, ``candidate_fraction``, ``seconds``, ``mode``,
@@ -239,6 +318,7 @@ class ValidTiledInferer(Inferer):
         mask_aware: bool = True,
         tile_overhead: float = 0.75,
         compile: bool = False,
+        share_encoder: bool = True,
     ) -> None:
         super().__init__()
         if mode not in ("aligned", "paper"):
@@ -279,6 +359,7 @@ class ValidTiledInferer(Inferer):
             raise ValueError(f"tile_overhead must be >= 0, got {tile_overhead}")
         self.tile_overhead = float(tile_overhead)
         self.compile = bool(compile)
+        self.share_encoder = bool(share_encoder)
         self.last_stats: dict[str, Any] = {}
         self._fold_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if mode == "paper":
@@ -315,10 +396,15 @@ class ValidTiledInferer(Inferer):
             self._plan_aligned(size, wanted, tuple(half * s for s in shift)) for shift in _ALIGNED_SHIFTS[self.overlap]
         ]
 
+    def _ext(self) -> int:
+        """Extra domain per axis: ``align / 2`` when passes are shifted (R > 1), so that all passes share one grid."""
+        return self.align // 2 if self.mode == "aligned" and self.overlap > 1 else 0
+
     def _plan_aligned(self, size: tuple[int, ...], wanted: tuple[int, ...], shift: tuple[int, ...]) -> TilePass:
-        # Output domain of the pass: image coordinates [-shift, -shift + M), M = smallest valid output >= size + shift.
-        # Tiles start at multiples of `align` from the domain origin; the last one ends at M (also a multiple of align
-        # away, since M and the tile size are both min_output mod align).
+        # Output domain of the pass: image coordinates [-shift, -shift + M), M = smallest valid output >= size + ext
+        # (ext = align / 2 >= shift when R > 1, else 0): every pass has the same tiles, shifted by -shift. Tiles start
+        # at multiples of `align` from the domain origin; the last one ends at M (also a multiple of align away, since
+        # M and the tile size are both min_output mod align).
         axes_starts, axes_write, tiles = [], [], []
         for n, w, s in zip(size, wanted, shift, strict=True):
             t, starts, write = self._axis_plan(n, w, s)
@@ -336,7 +422,7 @@ class ValidTiledInferer(Inferer):
     def _axis_plan(self, n: int, wanted: int, s: int) -> tuple[int, list[int], list[tuple[int, int]]]:
         """One axis of an aligned pass: (tile size, tile starts, write regions), both in image coordinates, for an
         axis of ``n`` voxels, a wanted tile size and a tiling-origin shift ``s``."""
-        dom = _valid_outputs_from(n + s, self.min_output, self.align)
+        dom = _valid_outputs_from(n + self._ext(), self.min_output, self.align)
         t = min(dom, max(self._round_down_output(int(wanted)), self._min_tile()))
         count = 1 if t >= dom else math.ceil((dom - t) / ((t // self.align) * self.align)) + 1
         t = self._tile_for_count(dom, count)  # rebalance: the smallest tile that covers with `count` tiles
@@ -384,20 +470,22 @@ class ValidTiledInferer(Inferer):
         folded: bool = True,
         device_type: str = "cpu",
         mask: torch.Tensor | np.ndarray | None = None,
+        shared: bool = False,
     ) -> tuple[int, int, int]:
         """The output tile (aligned mode) with the least total cost whose batch of tiles fits ``budget_bytes``.
 
         For every number of tiles per axis the tile is the smallest that covers the domain (see :meth:`plan`); among
         the combinations whose :func:`estimate_tile_bytes` fits and whose largest activation stays below 2**31
         elements, the one with the least ``tiles x (forward_flops(tile) + overhead)`` wins (``overhead`` =
-        ``tile_overhead`` x the FLOPs of the smallest tile). Without a
-        mask every tile counts: large, near-cubic tiles win, because the 88-voxel halo is paid once per tile.
+        ``tile_overhead`` x the FLOPs of the smallest tile). Without a mask every tile counts: large, near-cubic
+        tiles win, because the 88-voxel halo is paid once per tile. With ``shared`` (the R passes share the encoder,
+        see ``share_encoder``) a tile that runs for any pass costs its encoder once (:func:`encoder_flops` of the
+        input 4 voxels larger) plus the rest of the network once per pass that runs.
 
         With a ``mask`` ((B, 1, X, Y, Z) or (X, Y, Z), nonzero = candidate) only the tiles that run count, over all
-        passes of ``overlap`` (each pass rebalances the tile for its shifted domain, exactly as :meth:`plan`): a
-        sparse C2 skips many small tiles and few large ones. The combinations with up to 16 tiles per axis are
-        tried, as is the unmasked choice, so the result never costs more than the unmasked one. Falls back to the
-        smallest tile when nothing fits.
+        passes of ``overlap`` (exactly as :meth:`plan` and the run skip them): a sparse C2 skips many small tiles and
+        few large ones. The combinations with up to 16 tiles per axis are tried, as is the unmasked choice, so the
+        result never costs more than the unmasked one. Falls back to the smallest tile when nothing fits.
 
         >>> inf = ValidTiledInferer()
         >>> m = torch.zeros(1, 1, 200, 200, 200, dtype=torch.bool); m[..., 20:40, 20:40, 20:40] = True
@@ -406,8 +494,11 @@ class ValidTiledInferer(Inferer):
         """
         min_tile = self._min_tile()
         size = tuple(int(n) for n in spatial_size)
-        doms = [_valid_outputs_from(n, self.min_output, self.align) for n in size]
+        ext = self._ext()
+        doms = [_valid_outputs_from(n + ext, self.min_output, self.align) for n in size]
         options = [self._axis_options(d) for d in doms]
+        n_pass = len(_ALIGNED_SHIFTS[self.overlap])
+        shared = bool(shared) and n_pass > 1
 
         @functools.cache
         def tile_flops(t: tuple[int, ...]) -> float:
@@ -416,8 +507,20 @@ class ValidTiledInferer(Inferer):
         overhead = self.tile_overhead * tile_flops((min_tile,) * 3)
 
         @functools.cache
-        def fits(t: tuple[int, ...]) -> bool:
+        def shared_flops(t: tuple[int, ...]) -> tuple[float, float]:
             ins = [x + 2 * self.margin for x in t]
+            enc = float(encoder_flops([i + ext for i in ins], in_channels, features))
+            return enc, tile_flops(t) - encoder_flops(ins, in_channels, features)
+
+        def total(t: tuple[int, ...], n_tiles: int, n_runs: int) -> float:
+            if shared:
+                enc, rest = shared_flops(t)
+                return n_tiles * enc + n_runs * (rest + overhead)
+            return n_runs * (tile_flops(t) + overhead)
+
+        @functools.cache
+        def fits(t: tuple[int, ...]) -> bool:
+            ins = [x + 2 * self.margin + (ext if shared else 0) for x in t]
             b = self.sw_batch_size
             est = estimate_tile_bytes(
                 ins, in_channels, out_channels, features, b, elem_bytes, folded, self.channels_last, device_type
@@ -431,7 +534,7 @@ class ValidTiledInferer(Inferer):
                     tile = (tx, ty, tz)
                     if fits(tile):
                         n = cx * cy * cz
-                        cost = n * (tile_flops(tile) + overhead)
+                        cost = total(tile, n, n * n_pass)
                         if best is None or (cost, n) < best[0]:
                             best = ((cost, n), tile)
                         break
@@ -439,23 +542,30 @@ class ValidTiledInferer(Inferer):
             return tuple(min(min_tile, d) for d in doms)
         if mask is None:
             return best[1]
-        counter = self._masked_cost(mask, size)
-        if counter is None:  # empty mask: nothing runs, any tile will do
+        hits_of = self._tile_hits(mask, size)
+        if hits_of is None:  # empty mask: nothing runs, any tile will do
             return best[1]
-        best = (counter(best[1], tile_flops, overhead), best[1])
+
+        def key(t: tuple[int, ...]) -> tuple[float, int]:
+            hits = hits_of(t)  # (passes, B, cx, cy, cz)
+            runs = int(np.count_nonzero(hits))
+            return total(t, int(np.count_nonzero(hits.any(0))), runs), runs
+
+        best = (key(best[1]), best[1])
         for cx, tx in options[0]:
             for cy, ty in options[1]:
                 for cz, tz in options[2]:
                     tile = (tx, ty, tz)
                     if max(cx, cy, cz) > _MASKED_MAX_COUNT or not fits(tile):
                         continue
-                    key = counter(tile, tile_flops, overhead)
-                    if key < best[0]:
-                        best = (key, tile)
+                    k = key(tile)
+                    if k < best[0]:
+                        best = (k, tile)
         return best[1]
 
-    def _masked_cost(self, mask: torch.Tensor | np.ndarray, size: tuple[int, ...]) -> Callable | None:
-        """``cost(tile, tile_flops, overhead) -> (cost, tiles run)`` over all passes for ``mask``; None if empty.
+    def _tile_hits(self, mask: torch.Tensor | np.ndarray, size: tuple[int, ...]) -> Callable | None:
+        """``hits(tile) -> bool array (passes, B, cx, cy, cz)``: which tiles of :meth:`plan` run for ``mask`` (their
+        write region holds a candidate); None if the mask is empty.
 
         Tile boundaries of every pass fall on multiples of ``align / 2`` in image coordinates (multiples of
         ``align`` from a domain origin shifted by 0 or ``align / 2``) or on the image end, so the mask is reduced to
@@ -485,13 +595,13 @@ class ValidTiledInferer(Inferer):
             hi = np.array([-(-w[1] // blk) for w in write])
             return t, lo, hi
 
-        def cost(tile, tile_flops, overhead) -> tuple[float, int]:
-            total, runs = 0.0, 0
+        def hits(tile) -> np.ndarray:
+            out = []
             for sh in shifts:
-                (tx, x0, x1), (ty, y0, y1), (tz, z0, z1) = (axis(a, tile[a], sh[a]) for a in range(3))
+                (_, x0, x1), (_, y0, y1), (_, z0, z1) = (axis(a, tile[a], sh[a]) for a in range(3))
                 x0, x1 = x0[:, None, None], x1[:, None, None]
                 y0, y1 = y0[None, :, None], y1[None, :, None]
-                hits = (
+                count = (
                     sat[:, x1, y1, z1]
                     - sat[:, x0, y1, z1]
                     - sat[:, x1, y0, z1]
@@ -501,12 +611,10 @@ class ValidTiledInferer(Inferer):
                     + sat[:, x1, y0, z0]
                     - sat[:, x0, y0, z0]
                 )
-                n = int(np.count_nonzero(hits))
-                total += n * (tile_flops((tx, ty, tz)) + overhead)
-                runs += n
-            return total, runs
+                out.append(count > 0)
+            return np.stack(out)
 
-        return cost
+        return hits
 
     def _min_tile(self) -> int:
         """Smallest output tile that tiles a larger domain (its stride must be at least ``align``)."""
@@ -619,6 +727,7 @@ class ValidTiledInferer(Inferer):
                     folded=folded,
                     device_type=device.type,
                     mask=mask if self.mask_aware else None,
+                    shared=self._can_share(net),
                 )
             passes, out, stats, fallbacks = self._run_with_fallbacks(
                 x, net, spatial, tile, mask, device, out_device, cast, out_channels
@@ -633,11 +742,10 @@ class ValidTiledInferer(Inferer):
         tile_flops = [
             flops_fn([t + 2 * self.margin for t in p.tile_size]) if callable(flops_fn) else None for p in passes
         ]
-        flops = None
-        if all(f is not None for f in tile_flops):
-            flops = sum(f * n for f, n in zip(tile_flops, stats.pop("runs_per_pass"), strict=True))
-        else:
-            stats.pop("runs_per_pass")
+        flops = stats.pop("flops", None)  # a shared-encoder run counts its own
+        runs_per_pass = stats.pop("runs_per_pass")
+        if flops is None and all(f is not None for f in tile_flops):
+            flops = sum(f * n for f, n in zip(tile_flops, runs_per_pass, strict=True))
         n_vox = batch * math.prod(spatial)
         stats.update(
             mode=self.mode,
@@ -722,6 +830,8 @@ class ValidTiledInferer(Inferer):
         out_channels: int | None,
         sw_batch_size: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self._can_share(net) and self._grid_shared(passes):
+            return self._run_shared(x, net, passes, mask, device, out_device, cast, out_channels, sw_batch_size)
         batch, _, *spatial = x.shape
         sw_batch_size = sw_batch_size or self.sw_batch_size
         m = self.margin
@@ -749,9 +859,7 @@ class ValidTiledInferer(Inferer):
         for b in range(batch):
             for pi, p in enumerate(passes):
                 for st, w in zip(p.starts, p.write, strict=True):
-                    if mask is not None and not bool(
-                        mask[b, 0, w[0][0] : w[0][1], w[1][0] : w[1][1], w[2][0] : w[2][1]].any()
-                    ):
+                    if not self._tile_runs(mask, b, w):
                         tiles_skipped += 1
                         continue
                     jobs.append((b, pi, st, w))
@@ -829,6 +937,10 @@ class ValidTiledInferer(Inferer):
                 out /= count.clamp_min(1).to(out.dtype)
             else:
                 out /= len(passes)
+        return self._finish(out, mask, out_device, tiles_run, tiles_skipped, runs_per_pass)
+
+    def _finish(self, out, mask, out_device, tiles_run, tiles_skipped, runs_per_pass, **extra) -> tuple:
+        """Background outside the mask, and the run statistics."""
         if mask is not None:
             keep = mask.to(out_device).float()
             out.mul_(keep)
@@ -840,8 +952,145 @@ class ValidTiledInferer(Inferer):
             "tiles_skipped": tiles_skipped,
             "candidate_fraction": cand,
             "runs_per_pass": runs_per_pass,
+            **extra,
         }
         return out, stats
+
+    @staticmethod
+    def _tile_runs(mask: torch.Tensor | None, b: int, w) -> bool:
+        """A tile runs when its write region is not empty and (with a mask) holds a candidate voxel."""
+        if any(hi <= lo for lo, hi in w):
+            return False
+        return mask is None or bool(mask[b, 0, w[0][0] : w[0][1], w[1][0] : w[1][1], w[2][0] : w[2][1]].any())
+
+    def _can_share(self, net: Callable) -> bool:
+        """Whether the R passes of this call can share the encoder (:func:`shared_encoder_forward`)."""
+        return (
+            self.share_encoder
+            and self.mode == "aligned"
+            and self.overlap > 1
+            and isinstance(net, ValidUNet3D)
+            and (self.align, self.margin) == (net.align, net.margin) == (8, 44)
+        )
+
+    @staticmethod
+    def _grid_shared(passes: list[TilePass]) -> bool:
+        """All passes hold the same tiles, shifted by their shift (true for :meth:`plan` with R > 1)."""
+        p0 = passes[0]
+        return p0.shift == (0, 0, 0) and all(
+            p.tile_size == p0.tile_size
+            and len(p.starts) == len(p0.starts)
+            and all(tuple(g[a] - p.shift[a] for a in range(3)) == st for g, st in zip(p0.starts, p.starts, strict=True))
+            for p in passes
+        )
+
+    def _run_shared(
+        self,
+        x: torch.Tensor,
+        net: ValidUNet3D,
+        passes: list[TilePass],
+        mask: torch.Tensor | None,
+        device: torch.device,
+        out_device: torch.device,
+        cast: torch.dtype | None,
+        out_channels: int | None,
+        sw_batch_size: int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The R passes tile by tile: one encoder run on the tile grown by ``align / 2`` (toward negative
+        coordinates, where the shifted passes' tiles start), then bottleneck + decoder for each pass whose tile runs."""
+        batch, cin, *spatial = x.shape
+        sw_batch_size = sw_batch_size or self.sw_batch_size
+        m = self.margin
+        ext = [max(p.shift[a] for p in passes) for a in range(3)]
+        tsz = passes[0].tile_size
+        in_size = [t + 2 * m for t in tsz]
+        grid = passes[0].starts  # pass 0 (shift 0); pass p's tile k starts at grid[k] - shift_p
+        lo = [max(m + ext[a] - min(g[a] for g in grid), 0) for a in range(3)]
+        hi = [max(max(g[a] for g in grid) + tsz[a] + m - spatial[a], 0) for a in range(3)]
+        pad = (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0])
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+            if self.amp and cast is None
+            else nullcontext()
+        )
+        out = torch.zeros((batch, out_channels or net.out_channels, *spatial), dtype=torch.float32, device=out_device)
+        runs_per_pass = [0] * len(passes)
+        tiles_skipped = 0
+        jobs = []
+        for b in range(batch):
+            for k in range(len(grid)):
+                need = [pi for pi, p in enumerate(passes) if self._tile_runs(mask, b, p.write[k])]
+                tiles_skipped += len(passes) - len(need)
+                if need:
+                    jobs.append((b, k, need))
+        groups: list[list] = []
+        for job in jobs:  # batch tiles of the same element
+            if groups and len(groups[-1]) < sw_batch_size and groups[-1][0][0] == job[0]:
+                groups[-1].append(job)
+            else:
+                groups.append([job])
+        f = int(getattr(net, "features", 32))
+        enc_flops = encoder_flops([n + e for n, e in zip(in_size, ext, strict=True)], cin, f)
+        rest_flops = forward_flops(in_size, cin, out.shape[1], f) - encoder_flops(in_size, cin, f)
+        flops = 0
+        padded_b, padded = -1, None
+        bar = None
+        if self.progress and groups:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(groups), desc="tiles", leave=False)
+        with torch.no_grad(), bar if bar is not None else nullcontext():
+            for group in groups:
+                b = group[0][0]
+                if b != padded_b:
+                    xb = x[b : b + 1]
+                    if self.padding_mode == "constant":
+                        padded = F.pad(xb, pad, mode="constant", value=self.pad_value)
+                    else:
+                        padded = F.pad(xb, pad, mode="replicate")
+                    padded_b = b
+                crops = []
+                for _, k, _ in group:
+                    o = [grid[k][a] - ext[a] - m + lo[a] for a in range(3)]
+                    crops.append(_crop(padded, o, [n + e for n, e in zip(in_size, ext, strict=True)])[0])
+                tiles = torch.stack(crops).to(device=device, dtype=cast or torch.float32)
+                if self.channels_last:
+                    tiles = tiles.contiguous(memory_format=torch.channels_last_3d)
+                phases = sorted(set().union(*(need for _, _, need in group)))
+                offsets = [[ext[a] - passes[pi].shift[a] for a in range(3)] for pi in phases]
+                with autocast:
+                    logits = shared_encoder_forward(net, tiles, offsets, in_size)
+                flops += len(group) * (enc_flops + len(phases) * rest_flops)
+                for pi, lg in zip(phases, logits, strict=True):
+                    probs = self._activate(lg.float()).to(out_device)
+                    for i, (_, k, need) in enumerate(group):
+                        st, w = passes[pi].starts[k], passes[pi].write[k]
+                        if pi not in need:  # computed for another tile of the batch: outside the mask here
+                            continue
+                        out[b, :, w[0][0] : w[0][1], w[1][0] : w[1][1], w[2][0] : w[2][1]] += probs[
+                            i,
+                            :,
+                            w[0][0] - st[0] : w[0][1] - st[0],
+                            w[1][0] - st[1] : w[1][1] - st[1],
+                            w[2][0] - st[2] : w[2][1] - st[2],
+                        ]
+                    runs_per_pass[pi] += sum(pi in need for _, _, need in group)
+                    del probs
+                del logits, tiles
+                if bar is not None:
+                    bar.update(1)
+        out /= len(passes)
+        return self._finish(
+            out,
+            mask,
+            out_device,
+            sum(runs_per_pass),
+            tiles_skipped,
+            runs_per_pass,
+            flops=flops,
+            shared_encoder=True,
+            encoder_tiles=sum(len(g) for g in groups),
+        )
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         if self.activation == "softmax":
