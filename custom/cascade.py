@@ -41,6 +41,48 @@ def _as_mask_tensor(array: np.ndarray, like: torch.Tensor) -> MetaTensor:
     return MetaTensor(t, meta=meta, applied_operations=ops)
 
 
+def nearest_to_input_grid(labels: torch.Tensor | np.ndarray, image: MetaTensor) -> np.ndarray | None:
+    """A working-grid label map (1, X, Y, Z) back on the input's voxel grid by nearest neighbour, as index gathers.
+
+    When the input grid and the working grid are axis-aligned (the affine from input voxels to working voxels is a
+    scaled permutation: orientation flips, axis swaps, resampling, crops and pads; no rotation), every input voxel's
+    nearest working voxel follows from one index per axis, so the resampling is three gathers instead of a
+    full-resolution interpolation grid: ~0.1 s instead of ~6-14 s for 512x512x400 on a 2-core CPU, and the same
+    voxels as ``Invertd(nearest_interp=True)`` except at exact ties (an input voxel midway between two working voxels:
+    both are nearest; here ties round half to even in float64, Invertd's float32 grid may pick the other one). Returns
+    None when it does not apply (oblique grids, input voxels beyond the working grid's border voxels, missing
+    metadata): the caller then uses ``Invertd``.
+    """
+    meta = getattr(image, "meta", None) or {}
+    if "original_affine" not in meta or "spatial_shape" not in meta:
+        return None
+    a_in = np.asarray(meta["original_affine"], dtype=np.float64)
+    a_work = np.asarray(image.affine, dtype=np.float64)
+    shape = [int(s) for s in np.asarray(meta["spatial_shape"]).tolist()]
+    arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    arr = arr[0] if arr.ndim == 4 else arr
+    if a_in.shape != (4, 4) or a_work.shape != (4, 4) or arr.ndim != 3 or len(shape) != 3:
+        return None
+    m = np.linalg.inv(a_work) @ a_in  # input voxel index -> working voxel index
+    rot = m[:3, :3]
+    src = np.argmax(np.abs(rot), axis=1)  # the input axis each working axis follows
+    if sorted(src.tolist()) != [0, 1, 2]:
+        return None
+    off = rot.copy()
+    off[np.arange(3), src] = 0.0
+    if np.abs(off).max() > 1e-6 * np.abs(rot).max():
+        return None
+    g = arr
+    for a in range(3):
+        pos = rot[a, src[a]] * np.arange(shape[src[a]]) + m[a, 3]
+        n = arr.shape[a]
+        if pos.min() < -0.5 - 1e-6 or pos.max() > n - 0.5 + 1e-6:
+            return None  # input voxels beyond the working grid's border voxels
+        idx = np.clip(np.rint(pos).astype(np.int64), 0, n - 1)  # a tie at the border: the voxel inside
+        g = np.take(g, idx, axis=a)  # working axis a now runs over input axis src[a]
+    return np.ascontiguousarray(np.transpose(g, np.argsort(src)), dtype=np.uint8)
+
+
 class CascadeInferer(Inferer):
     """Stage 1 (inside C1) → C2 = dilated stage-1 foreground ∩ C1 → stage 2 (inside C2).
 
@@ -282,14 +324,18 @@ class CascadeRunner:
         }
         for name, p in preds.items():
             work[name] = _as_mask_tensor(p[0].cpu().numpy(), img)
-        orig = self._to_input_geometry(work, list(preds))
+        paths = self.planned_outputs(case_id)
+        out_keys = {"c2": "c2", "stage1": "stage1", "c1": "c1", "seg": "stage2"}
+        # only what is written, evaluated or measured goes back (each map is a full-resolution resampling)
+        needed = set(preds) | {out_keys[k] for k in paths if k in out_keys}
+        if (self.evaluate and "label" in case) or not preds:
+            needed.add("stage1")
+        orig = self._to_input_geometry({k: v for k, v in work.items() if k == "image" or k in needed}, list(preds))
         timings["resample_back"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         affine = np.asarray(d["image"].meta.get("original_affine", d["image"].affine), dtype=np.float64)
-        paths = self.planned_outputs(case_id)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        out_keys = {"c2": "c2", "stage1": "stage1", "c1": "c1", "seg": "stage2"}
         for key, path in paths.items():
             if key in out_keys and out_keys[key] in orig:
                 write_nifti_safely(orig[out_keys[key]], affine, path, overwrite=self.overwrite)
@@ -336,6 +382,10 @@ class CascadeRunner:
     def _to_input_geometry(self, work: dict, pred_keys: list[str]) -> dict[str, np.ndarray]:
         out = {}
         for key in [k for k in ("c1", "stage1", "c2", *pred_keys) if k in work]:
+            fast = nearest_to_input_grid(work[key], work["image"])
+            if fast is not None:
+                out[key] = fast
+                continue
             inv = Invertd(keys=key, transform=self.preprocessing, orig_keys="image", nearest_interp=True)
             res = inv({"image": work["image"], key: work[key]})[key]
             out[key] = np.asarray(res[0].round().cpu().numpy(), dtype=np.uint8)
