@@ -98,9 +98,15 @@ class Peak:
         hwm = _status_kb("VmHWM")
         self.ram_gb = None if hwm is None else hwm / 2**20
         self.gpu_gb = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        self.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other jobs on the machine show here
 
     def as_dict(self) -> dict:
-        return {"peak_ram_gb": self.ram_gb, "ram_before_gb": self.rss_before_gb, "peak_gpu_gb": self.gpu_gb}
+        return {
+            "peak_ram_gb": self.ram_gb,
+            "ram_before_gb": self.rss_before_gb,
+            "peak_gpu_gb": self.gpu_gb,
+            "load_average_1min": self.load,
+        }
 
 
 def _sync(device: torch.device) -> None:
@@ -167,13 +173,23 @@ def parser_for(*names: str, **overrides):
 
 
 def write_phantom(folder: Path, seed: int, preset: str, **kw) -> dict:
-    from custom.io import write_nifti_safely
-    from custom.phantom import generate_phantom
+    """Generate a phantom CT and its label map as NIfTI in ``folder`` (reused when the same one is already there)."""
+    import hashlib
 
+    from custom.io import write_nifti_safely
+    from custom.phantom import GENERATOR_VERSION, generate_phantom
+
+    key = json.dumps({"seed": seed, "preset": preset, "v": GENERATOR_VERSION, **kw}, sort_keys=True, default=str)
+    name = f"ct_{preset}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    cached = folder / f"{name}.json"
+    if cached.exists():
+        info = json.loads(cached.read_text())
+        if Path(info["image"]).exists() and Path(info["label"]).exists():
+            log(f"reusing {info['image']}")
+            return info
     t0 = time.perf_counter()
     p = generate_phantom(seed, preset=preset, **kw)
     gen = time.perf_counter() - t0
-    name = f"ct_{p.image.shape[2]}"
     img = write_nifti_safely(p.image, p.affine, folder / f"{name}.nii.gz", overwrite=True)
     lab = write_nifti_safely(p.label, p.affine, folder / f"{name}_label.nii.gz", overwrite=True)
     info = {
@@ -188,6 +204,7 @@ def write_phantom(folder: Path, seed: int, preset: str, **kw) -> dict:
     }
     del p
     gc.collect()
+    cached.write_text(json.dumps(info))
     return info
 
 
@@ -235,35 +252,40 @@ def preprocess_with_label(case: dict, target_spacing) -> dict:
     return Compose(cp.get_parsed_content("preprocessing_transforms"))({"image": case["image"], "label": case["label"]})
 
 
-def tile_inferers(cp, mode: str, mask_aware: bool, stage2_overlap: int, args) -> tuple:
+#: Tiling variants of the cascade: tiling mode, mask-aware tile choice, encoder shared by the R passes, and the
+#: stage-2 R (None: ``--stage2-overlap``, default 4 as inference.json).
+VARIANTS = {
+    "project": {"mode": "aligned", "mask_aware": True, "share_encoder": True, "r2": None},
+    "project-r1": {"mode": "aligned", "mask_aware": True, "share_encoder": True, "r2": 1},
+    "project-plain": {"mode": "aligned", "mask_aware": False, "share_encoder": False, "r2": None},
+    "paper": {"mode": "paper", "mask_aware": False, "share_encoder": False, "r2": None},
+}
+
+
+def tile_inferers(cp, variant: str, args) -> tuple:
+    """(stage-1, stage-2) inferers of a variant, as inference.json builds them (plus the variant's switches)."""
+    v = VARIANTS[variant]
+    r2 = v["r2"] or args.stage2_overlap
     common = {"pad_value": cp.get_parsed_content("pad_value"), "amp": not args.fp32, "compile": args.compile}
-    if mode == "paper":
+    if v["mode"] == "paper":
         return (
             ValidTiledInferer(mode="paper", overlap=1, **common),
-            ValidTiledInferer(mode="paper", overlap=stage2_overlap, **common),
+            ValidTiledInferer(mode="paper", overlap=r2, **common),
         )
+    kw = {"mask_aware": v["mask_aware"], "share_encoder": v["share_encoder"], **common}
     return (
-        ValidTiledInferer(mode="aligned", overlap=args.stage1_overlap, mask_aware=mask_aware, **common),
-        ValidTiledInferer(mode="aligned", overlap=stage2_overlap, mask_aware=mask_aware, **common),
+        ValidTiledInferer(mode="aligned", overlap=args.stage1_overlap, **kw),
+        ValidTiledInferer(mode="aligned", overlap=r2, **kw),
     )
-
-
-VARIANTS = {
-    # name: (tiling mode, mask-aware tile choice)
-    "project": ("aligned", True),
-    "project-budget-tiles": ("aligned", False),
-    "paper": ("paper", False),
-}
 
 
 def run_cascade(case: dict, pre: dict, nets, variant: str, args, device, outdir: Path) -> dict:
     """One case through ``CascadeRunner.run_case`` with one tiling variant: the timings of every step and peaks."""
-    mode, mask_aware = VARIANTS[variant]
     cp = parser_for("common.json", "inference.json", load_keys=["image"], load_modes=["bilinear"])
     if args.target_spacing:
         cp["target_spacing"] = args.target_spacing
     pre_t = TimedCompose.make(cp.get_parsed_content("preprocessing_transforms"))
-    s1, s2 = tile_inferers(cp, mode, mask_aware, args.stage2_overlap, args)
+    s1, s2 = tile_inferers(cp, variant, args)
     labels = cp.get_parsed_content("labels")
     cascade = LabelC2Cascade(nets[0], s1, s2, radius=3, labels=labels)
     if args.c2 == "label":
@@ -306,8 +328,10 @@ def run_cascade(case: dict, pre: dict, nets, variant: str, args, device, outdir:
     for st, inf in (("stage1", s1), ("stage2", s2)):
         ls = inf.last_stats
         row["stages"][st] = {
-            k: ls.get(k) for k in ("tiles_run", "tiles_skipped", "tile_size", "input_tile_size", "passes", "flops")
+            k: ls.get(k)
+            for k in ("tiles_run", "tiles_skipped", "tile_size", "input_tile_size", "passes", "flops", "seconds")
         }
+        row["stages"][st]["encoder_tiles"] = ls.get("encoder_tiles")
     log(f"cascade {variant}: {row['total']:.1f} s, peak RAM {row['peak_ram_gb']:.2f} GB")
     return row
 
@@ -323,10 +347,27 @@ def count_tiles(inferer: ValidTiledInferer, spatial, mask: torch.Tensor) -> tupl
     return n, passes[0].tile_size
 
 
+def plan_cost(inferer: ValidTiledInferer, spatial, tile, mask: torch.Tensor, shared: bool, args) -> tuple:
+    """(tiles run, distinct tile positions run, forward FLOPs) of a plan for ``mask``, counted tile by tile."""
+    from custom.inferer import encoder_flops
+
+    passes = inferer.plan(spatial, tile)
+    m = mask.reshape(*spatial).bool()
+    hit = [[bool(m[w[0][0] : w[0][1], w[1][0] : w[1][1], w[2][0] : w[2][1]].any()) for w in p.write] for p in passes]
+    runs = sum(map(sum, hit))
+    ins = [t + 88 for t in passes[0].tile_size]
+    full = forward_flops(ins, 1, args.classes, args.features)
+    if not shared or len(passes) == 1:
+        return runs, runs, runs * full
+    tiles = sum(any(col) for col in zip(*hit, strict=True))
+    enc = encoder_flops([i + 4 for i in ins], 1, args.features)
+    return runs, tiles, tiles * enc + runs * (full - encoder_flops(ins, 1, args.features))
+
+
 def paper_extrapolated(pre: dict, nets, args, device) -> dict:
     """Paper tiling, per stage: tiles that run x the median time of one tile through the same inferer path."""
     cp = parser_for("common.json", "inference.json")
-    s1, s2 = tile_inferers(cp, "paper", False, args.stage2_overlap, args)
+    s1, s2 = tile_inferers(cp, "paper", args)
     spatial = tuple(pre["image"].shape[1:])
     c1 = pre["c1"][0]
     from custom.candidates import candidate_region
@@ -497,16 +538,19 @@ def levers(case: dict, pre: dict, nets, args, device, outdir: Path) -> dict:
     """Each speed lever measured on its own."""
     out: dict = {}
     spatial = tuple(pre["image"].shape[1:])
-    # 1. tile choice: FLOPs of the tiles that run, budget-only vs mask-aware (exact counts, nothing run)
+    # 1. tile choice: FLOPs of the tiles that run, budget-only vs mask-aware, passes independent vs shared encoder
     from custom.candidates import candidate_region
 
     c1 = pre["c1"][0]
     c2 = torch.as_tensor(candidate_region(pre["label"][0].numpy().round().astype(np.uint8), 3, body=c1.numpy() > 0))
     rows = []
     budget = 4 * 2**30 if device.type == "cpu" else 40 * 2**30
+    choices = (("budget only", False, False), ("mask-aware", True, False), ("mask-aware + shared encoder", True, True))
     for st, mask, r in (("stage1 (C1)", c1, args.stage1_overlap), ("stage2 (C2)", c2, args.stage2_overlap)):
-        for name, aware in (("budget only", False), ("mask-aware", True)):
-            inf = ValidTiledInferer(overlap=r, mask_aware=aware)
+        for name, aware, shared in choices:
+            if shared and r == 1:
+                continue
+            inf = ValidTiledInferer(overlap=r, mask_aware=aware, share_encoder=shared)
             t0 = time.perf_counter()
             tile = inf.choose_tile_size(
                 spatial,
@@ -516,18 +560,10 @@ def levers(case: dict, pre: dict, nets, args, device, outdir: Path) -> dict:
                 elem_bytes=4 if args.fp32 else 2,
                 device_type=device.type,
                 mask=mask[None, None] if aware else None,
+                shared=shared,
             )
             choose = time.perf_counter() - t0
-            passes = inf.plan(spatial, tile)
-            m = mask.bool()
-            runs = flops = 0
-            for p in passes:
-                f = forward_flops([t + 88 for t in p.tile_size], 1, args.classes, args.features)
-                for w in p.write:
-                    if bool(m[w[0][0] : w[0][1], w[1][0] : w[1][1], w[2][0] : w[2][1]].any()):
-                        runs += 1
-                        flops += f
-            total = sum(len(p.starts) for p in passes)
+            runs, tiles, flops = plan_cost(inf, spatial, tile, mask, shared, args)
             rows.append(
                 {
                     "stage": st,
@@ -535,23 +571,24 @@ def levers(case: dict, pre: dict, nets, args, device, outdir: Path) -> dict:
                     "choice": name,
                     "tile": list(tile),
                     "tiles_run": runs,
-                    "tiles_total": total,
+                    "encoder_tiles": tiles,
+                    "tiles_total": sum(len(p.starts) for p in inf.plan(spatial, tile)),
                     "tflop": flops / 1e12,
                     "choose_seconds": choose,
                 }
             )
         pt = ValidTiledInferer(mode="paper", overlap=1 if st.startswith("stage1") else args.stage2_overlap)
-        n, tile = count_tiles(pt, spatial, mask)
-        f = forward_flops([t + 88 for t in tile], 1, args.classes, args.features)
+        runs, tiles, flops = plan_cost(pt, spatial, None, mask, False, args)
         rows.append(
             {
                 "stage": st,
                 "overlap": pt.overlap,
                 "choice": "paper tiles",
-                "tile": list(tile),
-                "tiles_run": n,
+                "tile": list(pt.plan(spatial)[0].tile_size),
+                "tiles_run": runs,
+                "encoder_tiles": tiles,
                 "tiles_total": sum(len(p.starts) for p in pt.plan(spatial)),
-                "tflop": n * f / 1e12,
+                "tflop": flops / 1e12,
                 "choose_seconds": 0.0,
             }
         )
@@ -671,8 +708,8 @@ def report(res: dict) -> str:
             f"C1 {cas[0].get('c1_fraction', 0):.0%}, C2 {cas[0].get('c2_fraction', 0):.1%} of voxels)",
             "",
             "| variant | read | preprocess | stage 1 | C2 | stage 2 | back | write | total (s) | stage 1 tiles "
-            "| stage 2 tiles | TFLOP 1 + 2 | peak RAM GB | peak GPU GB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| stage 2 tiles | TFLOP 1 + 2 | peak RAM GB | peak GPU GB | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in cas:
             st = r.get("stages", {})
@@ -686,7 +723,7 @@ def report(res: dict) -> str:
                 f"| {r['variant']} | {_f(r.get('reading'))} | {_f(r.get('preprocessing'))} | {_f(r.get('stage1'))} "
                 f"| {_f(r.get('c2'))} | {_f(r.get('stage2'))} | {_f(r.get('resample_back'))} | {_f(r.get('write'))} "
                 f"| {_f(r.get('total'))} | {tiles[0]} | {tiles[1]} | {fl:.3g} | {_f(r.get('peak_ram_gb'), '{:.2f}')} "
-                f"| {_f(r.get('peak_gpu_gb'), '{:.2f}')} |"
+                f"| {_f(r.get('peak_gpu_gb'), '{:.2f}')} | {_f(r.get('load_average_1min'))} |"
             )
         by = {r["variant"]: r for r in cas}
         ref = by.get("paper") or by.get("paper (extrapolated)")
@@ -718,12 +755,17 @@ def report(res: dict) -> str:
         L.append("")
     lv = res.get("levers")
     if lv:
-        L += ["### Levers", "", "| stage | R | tile choice | output tile | tiles run / all | TFLOP | choice s |"]
-        L.append("|---|---|---|---|---|---|---|")
+        L += [
+            "### Levers",
+            "",
+            "| stage | R | tile choice | output tile | tiles run / all (positions) | TFLOP | choice s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in lv["tile_choice"]:
             L.append(
                 f"| {r['stage']} | {r['overlap']} | {r['choice']} | {'x'.join(map(str, r['tile']))} | "
-                f"{r['tiles_run']} / {r['tiles_total']} | {r['tflop']:.2f} | {r['choose_seconds']:.2f} |"
+                f"{r['tiles_run']} / {r['tiles_total']} ({r['encoder_tiles']}) | {r['tflop']:.3g} | "
+                f"{r['choose_seconds']:.2f} |"
             )
         L += ["", "| one 132x132x116 tile | s / tile | TFLOP/s |", "|---|---|---|"]
         for r in lv["precision"]:
@@ -768,7 +810,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stage1-overlap", type=int, default=1)
     p.add_argument("--stage2-overlap", type=int, default=4, help="R of stage 2 for every variant (default 4)")
     p.add_argument("--c2", choices=("label", "prediction"), default="label")
-    p.add_argument("--variants", default="project,project-budget-tiles,paper", help=f"subset of {list(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {list(VARIANTS)}")
     p.add_argument("--paper-extrapolate", action="store_true", help="paper rows from timed tiles x tiles that run")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of short measurements (default 3, CPU 1)")
     p.add_argument("--train-iters", type=int, default=None, help="timed training iterations (default 5, CPU 2)")
