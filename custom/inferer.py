@@ -293,7 +293,8 @@ class ValidTiledInferer(Inferer):
     Call: ``inferer(inputs (B, C, X, Y, Z), network, mask=None) -> MetaTensor (B, K, X, Y, Z)``. After each call
     ``last_stats`` holds ``tiles_run``, ``tiles_skipped``, ``candidate_fraction``, ``seconds``, ``mode``,
     ``tile_size`` (output tile of the first pass), ``input_tile_size``, ``passes``, ``flops`` (estimated forward
-    FLOPs, ``None`` for networks that do not expose ``flops``) and ``flops_per_voxel``.
+    FLOPs, ``None`` for networks that do not expose ``flops``) and ``flops_per_voxel``; with a shared encoder also
+    ``shared_encoder`` (True) and ``encoder_tiles`` (tile positions whose encoder ran; ``tiles_run`` counts passes).
     """
 
     def __init__(
