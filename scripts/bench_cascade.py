@@ -24,12 +24,13 @@ so it includes what the process already held); GPU peaks are ``torch.cuda.max_me
 Examples::
 
     python scripts/bench_cascade.py --quick                          # smoke test, ~1 minute on 2 CPU cores
-    python scripts/bench_cascade.py --json bench.json                # everything (CPU: an hour or more)
+    python scripts/bench_cascade.py --json bench.json                # everything (2-core CPU: ~20 minutes if alone)
     python scripts/bench_cascade.py --skip-paper --skip-large        # CPU: the project's cascade and levers only
     python scripts/bench_cascade.py --paper-extrapolate --large-features 8   # CPU: paper rows from timed tiles
 
-On a 2-core CPU the paper's tiling alone takes ~25 minutes on this CT; ``--paper-extrapolate`` times a few tiles per
-stage through the same inferer and multiplies by the number of tiles that run (the table says so).
+On a 2-core CPU the paper's tiling takes ~4 minutes on this CT with the machine to itself (twice that with another
+job); ``--paper-extrapolate`` times a few tiles per stage through the same inferer and multiplies by the number of
+tiles that run (the table says so).
 """
 
 from __future__ import annotations
