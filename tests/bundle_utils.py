@@ -33,3 +33,21 @@ def write_tiny_dataset(folder: Path, n_train: int = 3, n_test: int = 1, seed: in
     from custom.phantom import write_dataset
 
     return Path(write_dataset(folder, n_train=n_train, n_test=n_test, seed=seed, preset="tiny", **kw))
+
+
+def bundle_cli(configs, overrides: dict, launcher: list[str] | None = None) -> list[str]:
+    """``python -m monai.bundle run --config_file [...] --key value ...`` as the argument list a user would type;
+    ``launcher`` replaces ``python -m`` (e.g. torchrun)."""
+    import json
+    import sys
+
+    cmd = [
+        *(launcher or [sys.executable, "-m"]),
+        "monai.bundle",
+        "run",
+        "--config_file",
+        json.dumps(config_files(*configs)),
+    ]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    return cmd

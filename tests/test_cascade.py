@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import ROOT, TINY, config_files, write_tiny_dataset
+from bundle_utils import ROOT, TINY, bundle_cli, write_tiny_dataset
 
 from custom.network import ValidUNet3D
 from custom.phantom import generate_phantom
@@ -30,12 +29,9 @@ def weights(tmp_path_factory):
 
 
 def _run(configs, weights, **over):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(config_files(*configs))]
     base = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
     over = {**base, "stage1_weights": str(weights), "stage2_weights": str(weights), "stage2_overlap": 2, **over}
-    for k, v in over.items():
-        cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(bundle_cli(configs, over), cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_output_in_input_geometry_non_ras(tmp_path, weights):

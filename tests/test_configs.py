@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
-from bundle_utils import CONFIGS, ROOT, TINY, config_files, write_tiny_dataset
+from bundle_utils import CONFIGS, ROOT, TINY, bundle_cli, config_files, write_tiny_dataset
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 
@@ -53,17 +52,9 @@ def test_train_properties_and_stage2_override(dataset, tmp_path):
 
 def test_train_via_monai_bundle_cli_then_resume(dataset, tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        json.dumps(config_files("common.json", "train.json")),
-    ]
-    over = {**TINY, "dataset_dir": str(dataset.parent), "output_dir": str(out)}
-    for k, v in over.items():
-        cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    cmd = bundle_cli(
+        ["common.json", "train.json"], {**TINY, "dataset_dir": str(dataset.parent), "output_dir": str(out)}
+    )
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ckpt = out / "checkpoints"

@@ -4,14 +4,12 @@ longer accepts the ``file://`` store and MONAI 1.6 refuses it)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
-from bundle_utils import ROOT, TINY, config_files, write_tiny_dataset
+from bundle_utils import ROOT, TINY, bundle_cli, write_tiny_dataset
 
 #: No telemetry calls from MLflow (this machine is offline); MLFLOW_TRACKING_URI, when set, would override the store.
 OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
@@ -23,17 +21,9 @@ def dataset(tmp_path_factory):
 
 
 def _train_cli(dataset, out, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        json.dumps(config_files("common.json", "train.json")),
-    ]
-    over = {**TINY, "dataset_dir": str(dataset.parent), "output_dir": str(out)}
-    for k, v in over.items():
-        cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    cmd = bundle_cli(
+        ["common.json", "train.json"], {**TINY, "dataset_dir": str(dataset.parent), "output_dir": str(out)}
+    )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(OFFLINE_ENV)
     return subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
