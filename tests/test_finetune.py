@@ -80,13 +80,20 @@ def test_finetune_config_stage1_and_stage2():
     for files, stage in [(["train.json"], "stage1"), (["train.json", "stage2.json"], "stage2")]:
         p = ConfigParser()
         p.read_config(config_files("common.json", *files, "finetune.json"))
-        assert p["learning_rate"] == pytest.approx(train["learning_rate"] / 10), "the paper fine-tunes 10x slower"
+        lr = p.get_parsed_content("optimizer#lr")
+        assert lr == pytest.approx(train["learning_rate"] / 10), "the paper fine-tunes 10x slower"
         assert p.get_parsed_content("labels") == EXTENDED_LABELS and p.get_parsed_content("num_classes") == 11
         assert p.get_parsed_content("output_dir") == str(Path("runs") / f"finetune_{stage}")
         assert p.get_parsed_content("pretrained_weights") == str(Path("bundle") / "models" / f"{stage}.pt")
         cands = p.get_parsed_content("candidates_dir")
         # stage 2 is fine-tuned inside the C2 of the fine-tuned stage 1, not of the pretrained one
         assert cands == (str(Path("runs") / "finetune_stage1" / "candidates") if stage == "stage2" else None)
+    # relative to whatever base optimiser comes before it (demo.json: Adam at 0.002 -> 0.0002)
+    p = ConfigParser()
+    p.read_config(config_files("common.json", "train.json", "demo.json", "finetune.json"))
+    demo = json.loads((CONFIGS / "demo.json").read_text())
+    assert p.get_parsed_content("optimizer#lr") == pytest.approx(demo["learning_rate"] / 10)
+    assert p.get_parsed_content("learning_rate") == demo["learning_rate"]
     # inference workflows: right after common.json, finetune.json contributes only its labels
     p = ConfigParser()
     p.read_config(config_files("common.json", "finetune.json", "inference.json"))
