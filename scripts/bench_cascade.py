@@ -40,7 +40,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -58,6 +57,9 @@ sys.path.insert(0, str(ROOT))
 from custom.cascade import CascadeInferer, CascadeRunner  # noqa: E402
 from custom.inferer import ValidTiledInferer  # noqa: E402
 from custom.network import ValidUNet3D, forward_flops  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tiling import device_name  # noqa: E402
 
 CONFIGS = ROOT / "bundle" / "configs"
 PATCH = (132, 132, 116)
@@ -128,20 +130,6 @@ def timed(fn, device: torch.device, repeats: int = 1, warmup: int = 0) -> tuple[
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def log(msg: str) -> None:

@@ -68,7 +68,7 @@ def _peak(device: torch.device, base: int) -> float | None:
         return None
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or "CPU"
@@ -191,7 +191,7 @@ def report(rows: list[dict], device: torch.device, size: tuple[int, ...], args: 
 
     rate_unit, scale = ("TFLOP/s", 1e12) if device.type == "cuda" else ("GFLOP/s", 1e9)
     lines = [
-        f"Device: {_device_name(device)}; torch {torch.__version__}, monai {monai.__version__}; "
+        f"Device: {device_name(device)}; torch {torch.__version__}, monai {monai.__version__}; "
         f"{datetime.date.today().isoformat()}",
         f"Volume {'x'.join(map(str, size))}, features {args.features}, K = {args.classes}, {args.dtype}, "
         f"sw_batch_size {args.sw_batch_size}, BatchNorm folded, channels-last",

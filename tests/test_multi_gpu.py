@@ -4,35 +4,23 @@ engine): training with DistributedSampler and DDP, and batch inference sharded a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from bundle_utils import ROOT, TINY, config_files, write_tiny_dataset
+from bundle_utils import ROOT, TINY, bundle_cli, write_tiny_dataset
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
 def _torchrun(configs, **over):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        json.dumps(config_files(*configs)),
-    ]
-    for k, v in over.items():
-        cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        bundle_cli(configs, over, launcher=launcher), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def test_ddp_training_two_cpu_processes(tmp_path):

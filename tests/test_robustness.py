@@ -14,6 +14,8 @@ import math
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -134,6 +136,20 @@ def copy_dataset(dataset: Path, dst: Path) -> Path:
 # 1. non-RAS and oblique affines: output shape and affine are the input's
 
 
+@contextmanager
+def _log_records(name: str) -> Iterator[list[logging.LogRecord]]:
+    """Records emitted on logger ``name`` inside the block (independent of propagation and pytest's capture)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_oblique_affine_output_in_input_geometry(tmp_path):
     p = generate_phantom(5, preset="tiny", orientation="LAS")
     rz, rx = np.deg2rad(20.0), np.deg2rad(10.0)
@@ -222,15 +238,8 @@ def test_empty_or_border_c2_gives_a_valid_output(_, force_class):
         (tmp / "in").mkdir()
         p.save(tmp / "in" / "ct.nii.gz", tmp / "label.nii.gz")
         out = tmp / "out"
-        logger = logging.getLogger("custom.cascade")
-        records: list[logging.LogRecord] = []
-        handler = logging.Handler()
-        handler.emit = records.append
-        logger.addHandler(handler)
-        try:
+        with _log_records("custom.cascade") as records:
             infer(tmp / "in", out, tiny_weights(tmp / "w" / "w.pt", force_class), save_outputs=["c1", "c2", "qc"])
-        finally:
-            logger.removeHandler(handler)
         seg = np.asarray(nib.load(out / "ct_seg.nii.gz").dataobj)
         c1 = np.asarray(nib.load(out / "ct_c1.nii.gz").dataobj) > 0
         c2 = np.asarray(nib.load(out / "ct_c2.nii.gz").dataobj) > 0
@@ -466,15 +475,8 @@ def test_out_of_memory_falls_back_to_smaller_tiles_with_the_same_result():
     ref = ValidTiledInferer(amp=False, fold_bn=False)(x, net).as_tensor()
     wrapped = OOMAbove(net, max_voxels=1_200_000, error=error)  # the whole volume (132 x 108 x 100) does not fit
     inferer = ValidTiledInferer(amp=False, sw_batch_size=2)
-    logger = logging.getLogger("custom.inferer")
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
-    try:
+    with _log_records("custom.inferer") as records:
         got = inferer(x, wrapped).as_tensor()
-    finally:
-        logger.removeHandler(handler)
     steps = inferer.last_stats["oom_fallbacks"]
     assert steps == ["one tile per forward (sw_batch_size 2 -> 1)", "output tiles [44, 20, 12] -> [20, 12, 12]"]
     assert inferer.last_stats["tiles_run"] == 6  # 3 x 2 x 1 tiles of 20 x 12 x 12
