@@ -93,12 +93,19 @@ def _run_parallel(commands: dict[str, list[str]], logs: Path, threads: int) -> d
         log = (logs / f"{name}.log").open("w")
         print(f"[{name}] {' '.join(cmd)}", flush=True)
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
-    for name, (p, log) in procs.items():
-        rc = p.wait()
-        log.close()
-        seconds[name] = time.perf_counter() - t0
-        if rc != 0:
-            raise RuntimeError(f"{name} failed (exit {rc}); see {logs / (name + '.log')}")
+    # each run's own wall time (polled: a run that ends first is not charged for the others)
+    while len(seconds) < len(procs):
+        for name, (p, log) in procs.items():
+            if name in seconds or p.poll() is None:
+                continue
+            log.close()
+            seconds[name] = time.perf_counter() - t0
+            if p.returncode != 0:
+                for other, _ in procs.values():
+                    if other.poll() is None:
+                        other.terminate()
+                raise RuntimeError(f"{name} failed (exit {p.returncode}); see {logs / (name + '.log')}")
+        time.sleep(0.5)
     return seconds
 
 
