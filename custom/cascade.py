@@ -1,13 +1,18 @@
 """The cascade at inference: stage 1 inside C1, C2 from its dilated foreground, stage 2 inside C2, back to the input.
 
-:class:`CascadeInferer` chains the two tiled inferers (a MONAI ``Inferer``: usable by an evaluator);
-:class:`CascadeRunner` is the batch front end used by ``bundle/configs/inference.json`` and ``evaluate.json``: one
-case at a time, every output written in the input's own geometry (same voxel order, shape and affine), a per-case QC
-JSON and preview, and a failing case logged and skipped so the others still run (the run then exits non-zero with a
-summary). Probabilities are never resampled back unless asked: labels are taken by argmax at the working resolution
-and resampled with nearest neighbour, as the paper does for labels (8 classes of float probabilities at full
-resolution are GBs). :class:`OutOfFoldRunner` runs a runner fold by fold, each fold's cases with the stage-1 model
-that did not train on them (out-of-fold C2 for training stage 2, ``candidates.json --out_of_fold true``).
+:class:`CascadeInferer` chains the two tiled inferers (a MONAI ``Inferer``) and makes C2 with
+:class:`custom.candidates.CandidateRegiond`. ``bundle/configs/inference.json`` runs it as a MONAI bundle workflow:
+``run`` is ``$@evaluator.run()`` on a :class:`CascadeEvaluator` (a ``SupervisedEvaluator``) over a
+:class:`CaseDataset` in a ``DataLoader`` (reading and preprocessing in workers, overlapped with the networks), with
+the cascade as its inferer and the rest declared in JSON: ``postprocessing`` (argmax, back to the input grid with
+:class:`custom.postprocess.ToInputGridd`, writing with :class:`custom.postprocess.SaveCased`, a ``SaveImaged``) and
+the handlers of :mod:`custom.case_handlers` (QC JSON, preview, metrics, C2 recall, summary). Every output is in the
+input's own geometry (same voxel order, shape and affine); a failing case is logged and skipped so the others still
+run (the run then exits non-zero with a summary); existing outputs are refused before the first case is computed.
+Probabilities are never resampled back unless asked: labels are taken by argmax at the working resolution and
+resampled with nearest neighbour, as the paper does for labels. :class:`OutOfFoldRunner` runs the evaluator fold by
+fold, each fold's cases with the stage-1 model that did not train on them (out-of-fold C2 for training stage 2,
+``candidates.json --out_of_fold true``).
 """
 
 from __future__ import annotations
@@ -18,18 +23,20 @@ import logging
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
+from monai.data import Dataset, MetaTensor
+from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
-from monai.transforms import Compose, Invertd
+from monai.transforms import apply_transform
 
-from custom.candidates import candidate_region, organ_flags
-from custom.io import find_input_error, write_nifti_safely
-from custom.metrics import candidate_recall_fpr, dice_per_class
+from custom.candidates import CandidateRegiond
+from custom.io import find_input_error
+from custom.options import as_bool
+from custom.workflow import CandidatePrepareBatch
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +95,16 @@ class CascadeInferer(Inferer):
 
     ``__call__(inputs, network, mask=c1)`` returns the stage-2 probabilities (B, K, ...); ``network`` is the stage-2
     network (so MONAI's evaluator can own it), ``stage1_network`` is held here. After a call, ``last_outputs`` holds
-    ``stage1`` (argmax labels) and ``c2`` as (B, 1, ...) uint8 tensors, and ``last_stats`` the per-stage tile counts,
-    candidate fractions, seconds and organ flags.
+    ``stage1`` (argmax labels), ``c2`` and one argmax label map per ``stage2_variants`` entry as (B, 1, ...) uint8
+    MetaTensors with the input's meta, and ``last_stats`` the per-stage tile counts, candidate fractions, seconds and
+    organ flags. With ``stage1_only`` the stage-2 network is never run and the stage-1 probabilities are returned.
 
-    When an organ is missing or implausibly small in the stage-1 output (``min_organ_ml``), the case is flagged and
-    C2 uses ``fallback`` (see :func:`custom.candidates.candidate_region` / ``CandidateRegiond``): the default widens the
-    candidate region instead of letting stage 2 miss the organ.
+    C2 is ``candidates``, a :class:`custom.candidates.CandidateRegiond` (keys ``stage1``, body key ``c1``, output
+    ``c2``) as ``inference.json`` declares it: the one implementation of C2, with its fallback for organs that stage 1
+    missed or made implausibly small (``labels`` + ``min_ml``). Without one, it is built from ``radius``, ``element``,
+    ``labels`` and ``min_organ_ml`` (fallback ``"c1"`` when ``min_organ_ml`` is given, else none).
+    ``c2_source="label"`` takes C2 from the dilated ground truth (the authors' code, for training stage 2): the
+    evaluator's batch preparation then passes ``label=`` to the call.
     """
 
     def __init__(
@@ -106,56 +117,92 @@ class CascadeInferer(Inferer):
         labels: Mapping[str, int] | None = None,
         min_organ_ml: float | Mapping[str, float] | None = None,
         spacing: Sequence[float] | None = None,
+        candidates: CandidateRegiond | None = None,
+        stage2_variants: Mapping[str, Inferer] | None = None,
+        stage1_only: bool = False,
+        c2_source: str = "prediction",
     ):
         super().__init__()
         self.stage1_network = stage1_network
         self.stage1_inferer = stage1_inferer
         self.stage2_inferer = stage2_inferer
-        self.radius = radius
-        self.element = element
-        self.labels = dict(labels) if labels else None
-        self.min_organ_ml = min_organ_ml
+        if candidates is None:
+            use_flags = labels is not None and min_organ_ml is not None
+            candidates = CandidateRegiond(
+                "stage1",
+                body_key="c1",
+                output_key="c2",
+                radius=radius,
+                element=element,
+                labels=dict(labels) if use_flags else None,
+                min_ml=min_organ_ml if use_flags else 0.0,
+                fallback="c1" if use_flags else "none",
+            )
+        self.c2_transform = candidates
         self.spacing = spacing
+        self.stage2_variants = dict(stage2_variants or {})
+        self.stage1_only = as_bool(stage1_only, "stage1_only")
+        if c2_source not in ("prediction", "label"):
+            raise ValueError(f"c2_source must be 'prediction' (paper) or 'label' (authors' code), got {c2_source!r}")
+        self.c2_source = c2_source
         self.last_outputs: dict[str, torch.Tensor] = {}
         self.last_stats: dict = {}
 
-    def stage1(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def stage1_probabilities(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         t0 = time.perf_counter()
         prob = self.stage1_inferer(inputs, self.stage1_network, mask=mask)
-        labels = prob.argmax(1, keepdim=True).to(torch.uint8)
         self.last_stats["stage1"] = {
             **getattr(self.stage1_inferer, "last_stats", {}),
             "seconds": time.perf_counter() - t0,
         }
+        return prob
+
+    def stage1(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        labels = self.stage1_probabilities(inputs, mask).argmax(1, keepdim=True).to(torch.uint8)
+        self.last_stats["stage1"]["seconds"] = time.perf_counter() - t0
         return labels
 
-    def candidates(self, stage1_labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """C2 for each batch item: dilated stage-1 foreground ∩ C1 (computed on the CPU with a distance transform)."""
+    def _affine(self, t: torch.Tensor, b: int) -> torch.Tensor:
+        """Item ``b``'s affine (organ volumes of the fallback check); ``spacing`` overrides the voxel size."""
+        if self.spacing is not None:
+            return torch.diag(torch.tensor([*map(float, self.spacing), 1.0], dtype=torch.float64))
+        if isinstance(t, MetaTensor):
+            aff = torch.as_tensor(t.affine, dtype=torch.float64).cpu()
+            return aff[b] if aff.ndim == 3 else aff
+        return torch.eye(4, dtype=torch.float64)
+
+    def candidates(
+        self, stage1_labels: torch.Tensor, mask: torch.Tensor | None = None, like: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """C2 for each batch item through ``c2_transform`` (``CandidateRegiond``), on the CPU."""
         t0 = time.perf_counter()
-        out, flags = [], []
+        like = stage1_labels if like is None else like
+        out, flags, fallback = [], [], []
         for b in range(stage1_labels.shape[0]):
-            pred = stage1_labels[b, 0].cpu().numpy()
-            body = None if mask is None else mask[b, 0].cpu().numpy().astype(bool)
-            c2 = candidate_region(pred, radius=self.radius, element=self.element, body=body)
-            if self.labels and self.min_organ_ml is not None:
-                vox_ml = float(np.prod(self._spacing(stage1_labels))) / 1000.0
-                bad = organ_flags(pred, self.labels, vox_ml, self.min_organ_ml)
-                if bad:
-                    # fallback: a missing/too-small organ must not vanish from stage 2; keep the whole body region
-                    logger.warning("stage-1 organs missing or too small %s: C2 falls back to C1 for this case", bad)
-                    c2 = body if body is not None else np.ones_like(c2)
-                flags.append(bad)
+            lab = stage1_labels[b].detach().cpu()
+            lab = lab.as_tensor() if isinstance(lab, MetaTensor) else lab
+            item = {"stage1": MetaTensor(lab, affine=self._affine(like, b))}
+            if mask is not None:
+                item["c1"] = mask[b].detach().cpu()
+            elif self.c2_transform.body_key is not None:
+                item[self.c2_transform.body_key] = torch.ones_like(item["stage1"].as_tensor(), dtype=torch.uint8)
+            c2 = self.c2_transform(item)[self.c2_transform.output_key]
+            names = [f for f in str(c2.meta.get("c2_flags", "")).split(",") if f]
+            flags.append(names if self.c2_transform.labels is not None else [])
+            fallback.append(bool(c2.meta.get("c2_fallback", False)))
             if not c2.any():  # nothing to crop or tile: stage 2 runs no tile and the case comes out as background
                 logger.warning(
                     "stage 1 found no foreground%s: C2 is empty, stage 2 is skipped and the output is background",
                     f" (batch item {b})" if stage1_labels.shape[0] > 1 else "",
                 )
-            out.append(torch.as_tensor(np.ascontiguousarray(c2))[None])
-        c2 = torch.stack(out).to(torch.uint8)
+            out.append(c2.as_tensor().to(torch.uint8).reshape(stage1_labels.shape[1:]))
+        c2 = torch.stack(out)
         self.last_stats["c2"] = {
             "seconds": time.perf_counter() - t0,
             "fraction": float(c2.float().mean()),
             "flags": flags,
+            "fallback": fallback,
         }
         return c2
 
@@ -166,308 +213,247 @@ class CascadeInferer(Inferer):
         self.last_stats["stage2"] = {**getattr(inferer, "last_stats", {}), "seconds": time.perf_counter() - t0}
         return prob
 
-    def _spacing(self, t: torch.Tensor) -> Sequence[float]:
-        if self.spacing is not None:
-            return self.spacing
-        if isinstance(t, MetaTensor):
-            return [float(s) for s in t.pixdim[: t.ndim - 2]]
-        return [1.0, 1.0, 1.0]
-
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, mask: torch.Tensor | None = None, **kwargs):
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: torch.nn.Module | None,
+        mask: torch.Tensor | None = None,
+        label: torch.Tensor | None = None,
+        **kwargs,
+    ):
         self.last_stats = {}
-        lab1 = self.stage1(inputs, mask)
-        c2 = self.candidates(lab1, mask)
+        prob1 = self.stage1_probabilities(inputs, mask)
+        lab1 = prob1.argmax(1, keepdim=True).to(torch.uint8)
+        if self.c2_source == "label":
+            if label is None:
+                raise ValueError("c2_source='label' needs the case's label (load_keys image and label)")
+            c2 = self.candidates(label.round().to(torch.uint8), mask, like=inputs)
+        else:
+            c2 = self.candidates(lab1, mask, like=inputs)
+        outputs = {"stage1": _as_mask_tensor(lab1.cpu().numpy(), inputs), "c2": _as_mask_tensor(c2.numpy(), inputs)}
+        if self.stage1_only:
+            self.last_outputs = outputs
+            return prob1
+        del prob1
+        stats = dict(self.last_stats)
+        for name, inferer in self.stage2_variants.items():
+            p = self.stage2(inputs, network, c2, inferer)
+            stats[name] = self.last_stats.pop("stage2")
+            outputs[name] = _as_mask_tensor(p.argmax(1, keepdim=True).to(torch.uint8).cpu().numpy(), inputs)
+            del p
         prob = self.stage2(inputs, network, c2)
-        self.last_outputs = {
-            "stage1": _as_mask_tensor(lab1.cpu().numpy(), inputs),
-            "c2": _as_mask_tensor(c2.numpy(), inputs),
-        }
+        self.last_stats = {**stats, "stage2": self.last_stats["stage2"]}
+        self.last_outputs = outputs
         return prob
 
 
-class CascadeRunner:
-    """Runs the cascade over a list of cases and writes every output in the input's geometry.
+def output_set(save: Sequence[str] | str | None) -> list[str]:
+    """``save_outputs`` checked: any of ``probabilities``, ``c1``, ``stage1``, ``c2``, ``qc``, ``preview``."""
+    save = [save] if isinstance(save, str) else list(save or [])
+    unknown = sorted(set(save) - set(OPTIONAL_OUTPUTS))
+    if unknown:
+        raise ValueError(f"unknown outputs to save: {unknown}; choose from {list(OPTIONAL_OUTPUTS)}")
+    return save
 
-    Args:
-        data: case dicts with ``image`` (a NIfTI file or a DICOM series folder), ``case_id`` and, for evaluation,
-            ``label``; see :func:`custom.io.list_inputs`.
-        preprocessing: the deterministic preprocessing (``preprocessing_transforms`` of common.json); it must produce
-            ``image`` and the body mask ``c1``; its spatial steps are inverted to go back to the input geometry.
-        cascade: a :class:`CascadeInferer` (holds stage 1). ``stage2_network``: the stage-2 network.
-        output_dir: where ``<case>_seg.nii.gz`` (and the optional outputs) go.
-        save: which optional outputs to write: any of ``probabilities``, ``c1``, ``stage1``, ``c2``, ``qc``,
-            ``preview``.
-        stage2_variants: extra stage-2 inferers evaluated on the same C2 (e.g. ``{"stage2_ol": <overlap 4>}``);
-            only the main one (``stage2``) is written as the label map.
-        evaluate: compare with ``label`` and write ``metrics.csv`` (per case, per stage, per organ) and
-            ``c2_recall_fpr.csv``.
-        overwrite: existing outputs are an error unless True (checked for every case before any computation).
-        stage1_only: stop after C2 (the step that writes candidate regions for stage-2 training).
-        c2_source: ``"prediction"`` (paper: the stage-1 prediction, dilated) or ``"label"`` (the authors' code for
-            training stage 2: the dilated ground truth).
+
+OPTIONAL_OUTPUTS = ("probabilities", "c1", "stage1", "c2", "qc", "preview")
+
+
+class CaseDataset(Dataset):
+    """MONAI ``Dataset`` of the cases to segment, where a case that cannot be read or preprocessed becomes a marked
+    item instead of an exception.
+
+    Reading and preprocessing run in the ``DataLoader``'s workers, overlapped with the networks; an error there would
+    end the whole run (and MONAI's ``Compose`` wraps it). Here the item is ``{"case_id", "image_path", "error"}``
+    with the file and the problem (:func:`custom.io.find_input_error`), which :class:`CascadeEvaluator` logs, records
+    and skips. Good items get ``image_path`` / ``label_path`` (the raw files: evaluation compares with the label as
+    stored) and ``seconds_read`` (reading + preprocessing time, measured in the worker).
+    """
+
+    def __init__(self, data: Sequence[Mapping], transform: Callable | None = None):
+        data = list(data)
+        if not data:
+            raise ValueError("no input cases: the input list is empty")
+        super().__init__(data=data, transform=transform)
+
+    def _transform(self, index: int):
+        case = self.data[index]
+        paths = {"image_path": str(case.get("image")), "label_path": str(case.get("label") or "")}
+        t0 = time.perf_counter()
+        try:
+            item = super()._transform(index)
+        except Exception as e:
+            err = find_input_error(e) or e  # MONAI's Compose wraps errors: report the file and the problem
+            logger.debug(traceback.format_exc())
+            return {"case_id": str(case.get("case_id")), **paths, "error": str(err)}
+        return {**item, **paths, "seconds_read": time.perf_counter() - t0}
+
+
+class _TimedCompose:
+    """The evaluator's postprocessing, run transform by transform with the seconds of each kept per item
+    (``seconds_post``: a transform's ``timing_name``, or its class name)."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+        self.transforms = list(getattr(transform, "transforms", [transform]))
+
+    def __call__(self, data: dict) -> dict:
+        seconds: dict[str, float] = {}
+        for t in self.transforms:
+            t0 = time.perf_counter()
+            data = apply_transform(t, data)
+            name = getattr(t, "timing_name", type(t).__name__)
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+        data["seconds_post"] = seconds
+        return data
+
+
+class CascadeEvaluator(SupervisedEvaluator):
+    """MONAI ``SupervisedEvaluator`` for batch inference: per-case failure isolation, no clobbering, an exit code.
+
+    The loop is MONAI's (``DataLoader`` → ``prepare_batch`` → ``inferer`` → decollate → ``postprocessing`` →
+    handlers); ``inference.json`` declares every part. What it adds:
+
+    - a case that failed to load (a :class:`CaseDataset` item with ``error``) or raised in the networks or the
+      postprocessing is logged by name, recorded in ``failures`` and skipped; the run goes on; ``exit_if_failed()``
+      (the config's ``finalize``) then lists the failures and exits 1;
+    - before the first case, every output that the postprocessing transforms and handlers plan (their
+      ``planned_outputs(case_id)``) is checked for all cases: existing files are an error unless ``overwrite``;
+    - each item gets ``cascade_stats`` (the inferer's ``last_stats``) and ``seconds`` (per step, and ``total``),
+      and the inferer's extra outputs (``stage1``, ``c2``, stage-2 variants) join the output for the postprocessing.
+
+    Use ``batch_size=1`` (whole CTs differ in size).
     """
 
     def __init__(
         self,
-        data: Sequence[Mapping],
-        preprocessing: Compose,
-        cascade: CascadeInferer,
-        stage2_network: torch.nn.Module | None,
-        output_dir: str,
-        labels: Mapping[str, int],
-        device: str | torch.device = "cpu",
-        save: Sequence[str] = ("qc", "preview"),
-        stage2_variants: Mapping[str, Inferer] | None = None,
-        evaluate: bool = False,
+        device: str | torch.device,
+        val_data_loader,
+        network: torch.nn.Module,
+        inferer: Inferer,
+        postprocessing: Callable | None = None,
+        val_handlers: Sequence | None = None,
         overwrite: bool = False,
-        stage1_only: bool = False,
-        radii: Sequence[int] = tuple(range(7)),
-        progress: bool = True,
-        c2_source: str = "prediction",
+        **kwargs,
     ):
-        self.data = list(data)
-        if not self.data:
-            raise ValueError("no input cases: the input list is empty")
-        self.preprocessing = preprocessing
-        self.cascade = cascade
-        self.stage2_network = stage2_network
-        self.output_dir = Path(output_dir)
-        self.labels = dict(labels)
-        self.device = torch.device(device)
-        self.save = set(save)
-        unknown = self.save - {"probabilities", "c1", "stage1", "c2", "qc", "preview"}
-        if unknown:
-            raise ValueError(f"unknown outputs to save: {sorted(unknown)}")
-        self.stage2_variants = dict(stage2_variants or {})
-        self.evaluate = evaluate
-        self.overwrite = overwrite
-        self.stage1_only = stage1_only
-        self.radii = list(radii)
-        self.progress = progress
-        if c2_source not in ("prediction", "label"):
-            raise ValueError(f"c2_source must be 'prediction' (paper) or 'label' (authors' code), got {c2_source!r}")
-        self.c2_source = c2_source
+        self.overwrite = as_bool(overwrite, "overwrite")
+        self.case_postprocessing = postprocessing
+        self.case_handlers = [h for h in (val_handlers or []) if h is not None]
         self.failures: list[dict] = []
-        self.metrics_rows: list[dict] = []
-        self.c2_rows: list[dict] = []
+        self.case_seconds: dict[str, dict] = {}
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            network=network,
+            inferer=inferer,
+            postprocessing=None if postprocessing is None else _TimedCompose(postprocessing),
+            val_handlers=self.case_handlers,
+            **kwargs,
+        )
+        from monai.engines.utils import IterationEvents
 
-    # -- outputs -------------------------------------------------------------------------------------------------
-    def planned_outputs(self, case_id: str) -> dict[str, Path]:
-        o = self.output_dir
-        if self.stage1_only:
-            out = {"c2": o / f"{case_id}_c2.nii.gz", "stage1": o / f"{case_id}_stage1.nii.gz"}
-        else:
-            out = {"seg": o / f"{case_id}_seg.nii.gz"}
-            for k in ("c1", "stage1", "c2"):
-                if k in self.save:
-                    out[k] = o / f"{case_id}_{k}.nii.gz"
-            if "probabilities" in self.save:
-                out["probabilities"] = o / f"{case_id}_prob.nii.gz"
-        if "qc" in self.save:
-            out["qc"] = o / f"{case_id}_qc.json"
-        if "preview" in self.save and not self.stage1_only:
-            out["preview"] = o / f"{case_id}_preview.png"
-        return out
+        # before decollation (MODEL_COMPLETED): the cascade's extra outputs are split per item with the rest
+        self.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._add_cascade_outputs)
 
-    def _check_existing(self) -> None:
+    def _add_cascade_outputs(self, engine) -> None:
+        for k, v in getattr(self.inferer, "last_outputs", {}).items():
+            engine.state.output[k] = v.as_tensor() if isinstance(v, MetaTensor) else v
+
+    @property
+    def data(self) -> list[dict]:
+        return self.data_loader.dataset.data
+
+    @data.setter
+    def data(self, cases: Sequence[Mapping]) -> None:
+        self.data_loader.dataset.data = list(cases)
+
+    def planned_outputs(self, case_id: str) -> list[Path]:
+        parts = list(getattr(self.case_postprocessing, "transforms", [])) + self.case_handlers
+        return [Path(p) for part in parts if hasattr(part, "planned_outputs") for p in part.planned_outputs(case_id)]
+
+    def check_existing(self, cases: Sequence[Mapping] | None = None) -> None:
+        """Refuse before any computation when an output of any case already exists (unless ``overwrite``)."""
         if self.overwrite:
             return
-        existing = [str(p) for c in self.data for p in self.planned_outputs(c["case_id"]).values() if p.exists()]
+        cases = self.data if cases is None else cases
+        existing = [str(p) for c in cases for p in self.planned_outputs(str(c["case_id"])) if p.exists()]
         if existing:
             raise FileExistsError(
                 f"{len(existing)} output file(s) already exist and overwrite is off (pass --overwrite true to replace "
                 f"them): {', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}"
             )
 
-    # -- one case ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def run_case(self, case: Mapping) -> dict:
-        case_id = case["case_id"]
-        timings: dict[str, float] = {}
+    def run(self, global_epoch: int = 1, check: bool = True) -> None:  # type: ignore[override]
+        if check:
+            self.check_existing()
+        self.state.epoch_length = len(self.data_loader)  # the case list may change between runs (folds, shards)
+        super().run(global_epoch)
+
+    def record_failure(self, case_id: str, image: str, error: BaseException | str) -> None:
+        if isinstance(error, BaseException):
+            error = find_input_error(error) or error
+        logger.error("case %s (%s) failed: %s", case_id, image, error)
+        self.failures.append({"case_id": str(case_id), "image": str(image), "error": str(error)})
+
+    def _iteration(self, engine, batchdata):
+        case_id = _first(batchdata.get("case_id"))
+        image = _first(batchdata.get("image_path"))
+        if "error" in batchdata:
+            self.record_failure(case_id, image, _first(batchdata["error"]))
+            return [{"failed": case_id}]
         t0 = time.perf_counter()
-        d = self.preprocessing(dict(case))
-        timings["read_preprocess"] = time.perf_counter() - t0
-        image = d["image"][None].to(self.device)
-        c1 = d["c1"][None].to(self.device)
-        self.cascade.last_stats = {}
-        lab1 = self.cascade.stage1(image, c1)
-        if self.c2_source == "label":  # the authors' code: C2 from the dilated ground truth when training stage 2
-            if "label" not in d:
-                raise ValueError(f"{case.get('image')}: c2_source='label' needs the case's label")
-            c2 = self.cascade.candidates(d["label"][None].round().to(torch.uint8), c1)
-        else:
-            c2 = self.cascade.candidates(lab1, c1)
-        stats = dict(self.cascade.last_stats)
-        timings["stage1"] = stats["stage1"]["seconds"]
-        timings["c2"] = stats["c2"]["seconds"]
-        preds: dict[str, torch.Tensor] = {}
-        prob_main = None
-        if not self.stage1_only:
-            prob_main = self.cascade.stage2(image, self.stage2_network, c2)
-            stats["stage2"] = self.cascade.last_stats["stage2"]
-            timings["stage2"] = stats["stage2"]["seconds"]
-            preds["stage2"] = prob_main.argmax(1, keepdim=True).to(torch.uint8)
-            for name, inferer in self.stage2_variants.items():
-                p = self.cascade.stage2(image, self.stage2_network, c2, inferer)
-                stats[name] = self.cascade.last_stats["stage2"]
-                timings[name] = stats[name]["seconds"]
-                preds[name] = p.argmax(1, keepdim=True).to(torch.uint8)
-
-        # back to the input geometry: argmax labels with nearest neighbour (never 8 float channels at full size)
-        t1 = time.perf_counter()
-        img = d["image"]
-        work = {
-            "image": img,
-            "c1": _as_mask_tensor(d["c1"].cpu().numpy(), img),
-            "stage1": _as_mask_tensor(lab1[0].cpu().numpy(), img),
-            "c2": _as_mask_tensor(c2[0].numpy(), img),
-        }
-        for name, p in preds.items():
-            work[name] = _as_mask_tensor(p[0].cpu().numpy(), img)
-        paths = self.planned_outputs(case_id)
-        out_keys = {"c2": "c2", "stage1": "stage1", "c1": "c1", "seg": "stage2"}
-        # only what is written, evaluated or measured goes back (each map is a full-resolution resampling)
-        needed = set(preds) | {out_keys[k] for k in paths if k in out_keys}
-        if (self.evaluate and "label" in case) or not preds:
-            needed.add("stage1")
-        orig = self._to_input_geometry({k: v for k, v in work.items() if k == "image" or k in needed}, list(preds))
-        timings["resample_back"] = time.perf_counter() - t1
-
-        t2 = time.perf_counter()
-        affine = np.asarray(d["image"].meta.get("original_affine", d["image"].affine), dtype=np.float64)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        for key, path in paths.items():
-            if key in out_keys and out_keys[key] in orig:
-                write_nifti_safely(orig[out_keys[key]], affine, path, overwrite=self.overwrite)
-        if "probabilities" in paths and prob_main is not None:
-            self._write_probabilities(prob_main, d, paths["probabilities"])
-        timings["write"] = time.perf_counter() - t2
-
-        voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
-        final = orig.get("stage2", orig.get("stage1"))
-        volumes = {n: float((final == k).sum() * voxel_ml) for n, k in self.labels.items()}
-        qc = {
-            "case_id": case_id,
-            "input": str(case["image"]),
-            "shape": list(final.shape),
-            "affine": affine.tolist(),
-            "organ_volumes_ml": volumes,
-            "empty_organs": [n for n, v in volumes.items() if v == 0.0],
-            "stage1_flags": (stats["c2"].get("flags") or [[]])[0],
-            "c1_fraction": float(d["c1"].float().mean()),
-            "c2_fraction": stats["c2"]["fraction"],
-            "tiles": {
-                s: {
-                    k: stats[s].get(k)
-                    for k in ("tiles_run", "tiles_skipped", "candidate_fraction", "mode", "tile_size")
-                }
-                for s in stats
-                if s != "c2"
-            },
-            "seconds": timings,
-        }
-        if qc["empty_organs"]:
-            logger.warning("%s: no voxel of %s in the output", case_id, ", ".join(qc["empty_organs"]))
-        if self.evaluate and "label" in case:
-            self._evaluate(case, d, lab1, orig, preds)
-        if "qc" in paths:
-            tmp = paths["qc"].with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(qc, indent=2))
-            tmp.replace(paths["qc"])
-        if "preview" in paths:
-            self._preview(d, preds.get("stage2", lab1), paths["preview"], case_id)
-        qc["seconds"]["total"] = time.perf_counter() - t0
-        return qc
-
-    def _to_input_geometry(self, work: dict, pred_keys: list[str]) -> dict[str, np.ndarray]:
-        out = {}
-        for key in [k for k in ("c1", "stage1", "c2", *pred_keys) if k in work]:
-            fast = nearest_to_input_grid(work[key], work["image"])
-            if fast is not None:
-                out[key] = fast
-                continue
-            inv = Invertd(keys=key, transform=self.preprocessing, orig_keys="image", nearest_interp=True)
-            res = inv({"image": work["image"], key: work[key]})[key]
-            out[key] = np.asarray(res[0].round().cpu().numpy(), dtype=np.uint8)
-        return out
-
-    def _write_probabilities(self, prob: torch.Tensor, d: Mapping, path: Path) -> None:
-        # linear interpolation for probabilities (paper); channel-last 4D NIfTI (float32: NIfTI has no float16)
-        inv = Invertd(keys="prob", transform=self.preprocessing, orig_keys="image", nearest_interp=False)
-        p = MetaTensor(
-            prob[0].float().cpu(), meta=dict(d["image"].meta), applied_operations=list(d["image"].applied_operations)
-        )
-        res = inv({"image": d["image"], "prob": p})["prob"].cpu().numpy()
-        affine = np.asarray(d["image"].meta.get("original_affine", d["image"].affine), dtype=np.float64)
-        write_nifti_safely(np.moveaxis(res, 0, -1).astype(np.float32), affine, path, overwrite=self.overwrite)
-
-    def _evaluate(self, case, d, lab1, orig, preds) -> None:
-        import nibabel as nib
-
-        gt = np.asarray(nib.load(str(case["label"])).dataobj).astype(np.int64)
-        stages = {"stage1": orig["stage1"], **{k: orig[k] for k in preds}}
-        for stage, pred in stages.items():
-            if pred.shape != gt.shape:
-                raise ValueError(f"{case['label']}: label shape {gt.shape} differs from the image's {pred.shape}")
-            row = {"case_id": case["case_id"], "stage": stage, **dice_per_class(pred, gt, self.labels)}
-            self.metrics_rows.append(row)
-        if "label" in d:  # C2 recall / FPR against r on the working grid, where C2 is defined
-            gt_w = d["label"][0].cpu().numpy().astype(np.int64)
-            body = d["c1"][0].cpu().numpy().astype(bool)
-            for row in candidate_recall_fpr(lab1[0, 0].cpu().numpy(), gt_w, body, self.labels, self.radii):
-                self.c2_rows.append({"case_id": case["case_id"], **row})
-
-    def _preview(self, d, lab, path: Path, case_id: str) -> None:
-        from custom.preview import save_preview
-
-        hu = d["image"][0].cpu().numpy() * 500.0  # the default window maps -500..500 HU to -1..1
-        save_preview(
-            hu,
-            lab[0, 0].cpu().numpy(),
-            np.asarray(d["image"].affine),
-            path,
-            label_names={v: k for k, v in self.labels.items()},
-            title=case_id,
-        )
-
-    # -- all cases -----------------------------------------------------------------------------------------------
-    def run(self) -> dict:
-        self._check_existing()
-        cases = self.data
-        if self.progress:
-            from tqdm import tqdm
-
-            cases = tqdm(cases, desc="cascade", unit="case")
-        results = []
-        for case in cases:
-            try:
-                results.append(self.run_case(case))
-            except Exception as e:  # one bad case must not stop the batch
-                e = find_input_error(e) or e  # MONAI's Compose wraps errors: report the file and the problem
-                logger.error("case %s (%s) failed: %s", case.get("case_id"), case.get("image"), e)
-                logger.debug(traceback.format_exc())
-                self.failures.append({"case_id": case.get("case_id"), "image": str(case.get("image")), "error": str(e)})
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.metrics_rows:
-            _write_csv(self.output_dir / f"metrics{_rank_suffix()}.csv", self.metrics_rows)
-        if self.c2_rows:
-            _write_csv(self.output_dir / f"c2_recall_fpr{_rank_suffix()}.csv", self.c2_rows)
-        summary = {
-            "cases": len(self.data),
-            "succeeded": len(results),
-            "failed": self.failures,
-            "seconds": {r["case_id"]: r["seconds"] for r in results},
-        }
-        (self.output_dir / f"summary{_rank_suffix()}.json").write_text(json.dumps(summary, indent=2))
-        self.summary = summary
-        return summary
+        try:
+            with torch.no_grad():
+                output = super()._iteration(engine, batchdata)
+        except Exception as e:
+            logger.debug(traceback.format_exc())
+            self.record_failure(case_id, image, e)
+            return [{"failed": case_id}]
+        outputs = output if isinstance(output, list) else [output]
+        batches = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+        for out, b in zip(outputs, batches, strict=False):
+            item = {**b, **out} if isinstance(b, dict) else out
+            cid = str(item.get("case_id", case_id))
+            seconds = {"read_preprocess": float(_first(item.get("seconds_read", 0.0)))}
+            stats = dict(getattr(self.inferer, "last_stats", {}))
+            seconds.update({k: v["seconds"] for k, v in stats.items() if isinstance(v, dict) and "seconds" in v})
+            seconds.update(item.get("seconds_post", {}))
+            seconds["total"] = time.perf_counter() - t0 + seconds["read_preprocess"]
+            out["cascade_stats"] = stats
+            out["seconds"] = seconds
+            self.case_seconds[cid] = seconds
+            logger.info("case %s: %.1f s", cid, seconds["total"])
+        return output
 
     def exit_if_failed(self) -> None:
         """For the config's ``finalize``: a run with failed cases exits non-zero after listing them."""
         if self.failures:
             lines = [f"  {f['case_id']}: {f['image']}: {f['error']}" for f in self.failures]
-            print(f"{len(self.failures)} of {len(self.data)} case(s) failed:\n" + "\n".join(lines), file=sys.stderr)
+            n = len({str(c["case_id"]) for c in self.data} | {f["case_id"] for f in self.failures})
+            print(f"{len(self.failures)} of {n} case(s) failed:\n" + "\n".join(lines), file=sys.stderr)
             sys.exit(1)
+
+
+def _first(value):
+    """The single item of a collated batch value (batch size 1), or the value itself."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        return value[0]
+    return value
+
+
+class CascadePrepareBatch(CandidatePrepareBatch):
+    """:class:`custom.workflow.CandidatePrepareBatch` that also hands the evaluator's inferer the extra outputs of the
+    cascade: C1 as ``mask``, and the label as ``label`` when C2 comes from it (``c2_source="label"``)."""
+
+    def __init__(self, candidate_key: str | None = "c1", pass_label: bool = False, **kwargs):
+        super().__init__(candidate_key, **kwargs)
+        self.pass_label = bool(pass_label)
+
+    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+        image, label, args, extra = super().__call__(batchdata, device, non_blocking, **kwargs)
+        if self.pass_label:
+            extra["label"] = label
+        return image, label, args, extra
 
 
 def _rank_suffix() -> str:
@@ -481,7 +467,7 @@ def _rank_suffix() -> str:
     return ""
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
@@ -504,27 +490,31 @@ class OutOfFoldRunner:
 
     The folds are :func:`custom.workflow.datalist` with ``split="val"`` and ``fold=k`` on ``dataset_json``, the very
     call the training made, so they agree with it as long as ``n_folds`` and ``seed`` do. Fold ``k``'s weights
-    (``fold_weights.format(fold=k)``) are loaded into the runner's stage-1 network and the runner goes over that
-    fold's cases; outputs, failures and metrics rows accumulate in the runner as in one run, and ``summary.json``
-    records which fold and weights file produced each case. Every weights file and every case's fold are checked, and
-    existing outputs refused, before anything is computed. With ``fold_weights=None`` it is the runner's own run.
+    (``fold_weights.format(fold=k)``) are loaded into the evaluator's stage-1 network (``inferer.stage1_network``)
+    and the evaluator runs over that fold's cases; outputs, failures and metrics rows accumulate in it as in one run,
+    and ``summary.json`` records which fold and weights file produced each case. Every weights file and every case's
+    fold are checked, and existing outputs refused, before anything is computed. With ``fold_weights=None`` it is the
+    evaluator's own run.
 
     Example (``candidates.json``, ``--out_of_fold true``)::
 
-        {"_target_": "custom.cascade.OutOfFoldRunner", "runner": "@runner", "dataset_json": "@data_list_file_path",
-         "fold_weights": "runs/stage1_fold{fold}/checkpoints/model_final.pt", "n_folds": 5, "seed": "@seed"}
+        {"_target_": "custom.cascade.OutOfFoldRunner", "runner": "@evaluator", "dataset_json": "@data_list_file_path",
+         "fold_weights": "runs/stage1_fold{fold}/checkpoints/model_final.pt", "n_folds": 5, "seed": "@seed",
+         "output_dir": "@output_dir"}
     """
 
     def __init__(
         self,
-        runner: CascadeRunner,
+        runner: CascadeEvaluator,
         fold_weights: str | None = None,
         dataset_json: str | None = None,
         n_folds: int = 5,
         seed: int = 0,
         sha256: str | None = None,
+        output_dir: str | None = None,
     ):
         self.runner = runner
+        self.output_dir = Path(output_dir) if output_dir is not None else None
         self.fold_weights = fold_weights
         self.dataset_json = dataset_json
         self.n_folds = int(n_folds)
@@ -566,15 +556,14 @@ class OutOfFoldRunner:
 
     def run(self) -> dict:
         if self.fold_weights is None:
-            self.summary = self.runner.run()
-            return self.summary
+            self.runner.run()
+            return {}
         from custom.checkpoint import load_weights
 
         plan = self.plan()
-        self.runner._check_existing()  # every fold's outputs, before the first fold computes anything
-        network = self.runner.cascade.stage1_network
+        self.runner.check_existing()  # every fold's outputs, before the first fold computes anything
+        network = self.runner.inferer.stage1_network
         all_cases = self.runner.data
-        seconds: dict = {}
         folds: dict[str, dict] = {}
         try:
             for k, path, cases in plan:
@@ -585,9 +574,10 @@ class OutOfFoldRunner:
                 network.eval()
                 logger.info("fold %d: %d case(s) with stage-1 weights %s", k, len(cases), path)
                 self.runner.data = cases
-                seconds.update(self.runner.run()["seconds"])
+                self.runner.run(check=False)
         finally:
             self.runner.data = all_cases
+        seconds = dict(self.runner.case_seconds)
         self.summary = {
             "cases": len(all_cases),
             "succeeded": len(seconds),
@@ -598,8 +588,9 @@ class OutOfFoldRunner:
             "folds": folds,
             "case_fold": {cid: int(k) for k, f in folds.items() for cid in f["cases"]},
         }
-        self.runner.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.runner.output_dir / f"summary{_rank_suffix()}.json").write_text(json.dumps(self.summary, indent=2))
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / f"summary{_rank_suffix()}.json").write_text(json.dumps(self.summary, indent=2))
         return self.summary
 
     def exit_if_failed(self) -> None:

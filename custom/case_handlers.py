@@ -1,0 +1,268 @@
+"""Ignite handlers of the inference workflow (``inference.json``): per-case QC JSON, preview, metrics, C2 recall rows,
+and the run's summary.
+
+Each per-case handler runs on ``ITERATION_COMPLETED`` of :class:`custom.cascade.CascadeEvaluator`, after the
+postprocessing, on the decollated output items (label maps already back on the input grid, the working-grid copies
+under ``<key>_work``). Items of failed cases are skipped; an error inside a handler fails that case only (logged,
+recorded, the run goes on and exits non-zero). Handlers that write files name them in ``planned_outputs(case_id)``,
+so that existing files are refused before any case is computed.
+
+Example (config)::
+
+    {"_target_": "custom.case_handlers.CaseQC", "output_dir": "@output_dir", "labels": "@labels"}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from custom.cascade import _rank_suffix, write_csv
+from custom.metrics import candidate_recall_fpr, dice_per_class
+
+logger = logging.getLogger("custom.cascade")
+
+__all__ = ["CaseHandler", "CaseQC", "CasePreview", "CaseMetrics", "CaseSummary"]
+
+
+def _np(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _affine(item: Mapping) -> np.ndarray:
+    """The input's affine: that of the written label map (``pred`` after ``ToInputGridd``)."""
+    pred = item["pred"]
+    meta = getattr(pred, "meta", {}) or {}
+    aff = meta.get("original_affine", meta.get("affine"))
+    return np.asarray(_np(aff), dtype=np.float64)
+
+
+def _work(item: Mapping, key: str) -> Any:
+    """The working-grid version of ``key`` (kept by ``ToInputGridd(working_postfix="work")``), else ``key``."""
+    return item.get(f"{key}_work", item.get(key))
+
+
+class CaseHandler:
+    """Base of the per-case handlers: calls :meth:`case` for every good output item; an error fails that case."""
+
+    event = Events.ITERATION_COMPLETED
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(self.event, self)
+
+    def planned_outputs(self, case_id: str) -> list[Path]:
+        return []
+
+    def case(self, engine: Engine, item: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, engine: Engine) -> None:
+        out = engine.state.output
+        outputs = out if isinstance(out, list) else [out]
+        batch = engine.state.batch
+        batches = batch if isinstance(batch, list) and len(batch) == len(outputs) else [{}] * len(outputs)
+        for o, b in zip(outputs, batches, strict=True):
+            if not isinstance(o, dict) or "failed" in o:
+                continue
+            item = {**b, **o} if isinstance(b, dict) else dict(o)  # what the postprocessing saw: batch + output
+            try:
+                self.case(engine, item)
+            except Exception as e:
+                record = getattr(engine, "record_failure", None)
+                if record is None:
+                    raise
+                record(item.get("case_id"), item.get("image_path"), e)
+                o["failed"] = item.get("case_id")
+
+
+class CaseQC(CaseHandler):
+    """``<case>_qc.json``: shape, affine, organ volumes (ml) and empty organs of the written segmentation, stage-1
+    flags (organs missing or below ``min_organ_ml``), C1/C2 fractions, tiles and seconds per step. Organs with no
+    voxel are logged as a warning whether or not the file is written (``write=False``)."""
+
+    def __init__(self, output_dir: str, labels: Mapping[str, int], write: bool = True):
+        self.output_dir = Path(output_dir)
+        self.labels = dict(labels)
+        self.write = bool(write)
+
+    def planned_outputs(self, case_id: str) -> list[Path]:
+        return [self.output_dir / f"{case_id}_qc.json"] if self.write else []
+
+    def case(self, engine: Engine, item: dict) -> None:
+        case_id = str(item["case_id"])
+        final = _np(item["pred"])[0]
+        affine = _affine(item)
+        voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+        counts = np.bincount(final.ravel().astype(np.int64), minlength=max(self.labels.values(), default=0) + 1)
+        volumes = {n: float(counts[k] * voxel_ml) if k < len(counts) else 0.0 for n, k in self.labels.items()}
+        stats = item.get("cascade_stats", {})
+        c2_stats = stats.get("c2", {})
+        qc = {
+            "case_id": case_id,
+            "input": str(item.get("image_path")),
+            "shape": list(final.shape),
+            "affine": affine.tolist(),
+            "organ_volumes_ml": volumes,
+            "empty_organs": [n for n, v in volumes.items() if v == 0.0],
+            "stage1_flags": (c2_stats.get("flags") or [[]])[0],
+            "c2_fallback": bool((c2_stats.get("fallback") or [False])[0]),
+            "c1_fraction": float(_np(_work(item, "c1")).astype(bool).mean()),
+            "c2_fraction": float(c2_stats.get("fraction", float(_np(_work(item, "c2")).astype(bool).mean()))),
+            "tiles": {
+                s: {k: v.get(k) for k in ("tiles_run", "tiles_skipped", "candidate_fraction", "mode", "tile_size")}
+                for s, v in stats.items()
+                if s != "c2" and isinstance(v, dict)
+            },
+            "seconds": dict(item.get("seconds", {})),
+        }
+        if qc["empty_organs"]:
+            logger.warning("%s: no voxel of %s in the output", case_id, ", ".join(qc["empty_organs"]))
+        if self.write:
+            path = self.output_dir / f"{case_id}_qc.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(qc, indent=2))
+            tmp.replace(path)
+
+
+class CasePreview(CaseHandler):
+    """``<case>_preview.png``: three orthogonal slices of the working-grid image with the segmentation on top.
+
+    The image is the preprocessed one (``ScaleIntensityRanged`` maps ``hu_window`` to [-1, 1]); it is brought back
+    to HU by undoing that scaling with the config's ``hu_window`` (values outside it were clipped), then shown with
+    ``display_window`` (HU; default: a soft-tissue window)."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        labels: Mapping[str, int],
+        hu_window: Sequence[float] = (-500.0, 500.0),
+        image_key: str = "image",
+        label_key: str = "pred",
+        display_window: Sequence[float] = (-160.0, 240.0),
+    ):
+        self.output_dir = Path(output_dir)
+        self.labels = dict(labels)
+        lo, hi = (float(v) for v in hu_window)
+        if not hi > lo:
+            raise ValueError(f"hu_window must be [low, high] with high > low, got {list(hu_window)}")
+        self.hu_window = (lo, hi)
+        self.image_key = image_key
+        self.label_key = label_key
+        self.display_window = tuple(float(v) for v in display_window)
+
+    def planned_outputs(self, case_id: str) -> list[Path]:
+        return [self.output_dir / f"{case_id}_preview.png"]
+
+    def case(self, engine: Engine, item: dict) -> None:
+        from custom.preview import save_preview
+
+        case_id = str(item["case_id"])
+        image = _work(item, self.image_key)
+        lo, hi = self.hu_window
+        hu = lo + (_np(image)[0].astype(np.float32) + 1.0) * 0.5 * (hi - lo)
+        lab = _np(_work(item, self.label_key))[0]
+        save_preview(
+            hu,
+            lab,
+            np.asarray(_np(image.affine), dtype=np.float64),
+            self.output_dir / f"{case_id}_preview.png",
+            label_names={v: k for k, v in self.labels.items()},
+            title=case_id,
+            window=self.display_window,
+        )
+
+
+class CaseMetrics(CaseHandler):
+    """Per-case Dice per stage and organ against the label file as stored (``metrics.csv``), and C2 recall / FPR
+    against the dilation radius on the working grid (``c2_recall_fpr.csv``), written when the run completes.
+
+    ``stages`` maps the output keys to the stage names of the report (``{"stage1": "stage1", "pred": "stage2",
+    "stage2_nol": "stage2_nol"}``); keys missing from an item are skipped. The rows accumulate over runs of the same
+    evaluator (out-of-fold folds). Sharded runs write ``metrics_rank<r>.csv``."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        labels: Mapping[str, int],
+        stages: Mapping[str, str] | None = None,
+        radii: Sequence[int] = tuple(range(7)),
+    ):
+        self.output_dir = Path(output_dir)
+        self.labels = dict(labels)
+        self.stages = dict(stages or {"stage1": "stage1", "pred": "stage2"})
+        self.radii = [int(r) for r in radii]
+        self.metrics_rows: list[dict] = []
+        self.c2_rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def case(self, engine: Engine, item: dict) -> None:
+        import nibabel as nib
+
+        label_path = item.get("label_path")
+        if not label_path:
+            return
+        case_id = str(item["case_id"])
+        gt = np.asarray(nib.load(str(label_path)).dataobj).astype(np.int64)
+        rows = []
+        for key, stage in self.stages.items():
+            if key not in item:
+                continue
+            pred = _np(item[key])[0]
+            if pred.shape != gt.shape:
+                raise ValueError(f"{label_path}: label shape {gt.shape} differs from the image's {pred.shape}")
+            rows.append({"case_id": case_id, "stage": stage, **dice_per_class(pred, gt, self.labels)})
+        c2_rows = []
+        if "label" in item and item["label"] is not None:  # C2 recall / FPR on the working grid, where C2 is made
+            gt_w = _np(item["label"])[0].astype(np.int64)
+            body = _np(_work(item, "c1"))[0].astype(bool)
+            stage1 = _np(_work(item, "stage1"))[0]
+            for row in candidate_recall_fpr(stage1, gt_w, body, self.labels, self.radii):
+                c2_rows.append({"case_id": case_id, **row})
+        self.metrics_rows += rows
+        self.c2_rows += c2_rows
+
+    def write(self, engine: Engine | None = None) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.metrics_rows:
+            write_csv(self.output_dir / f"metrics{_rank_suffix()}.csv", self.metrics_rows)
+        if self.c2_rows:
+            write_csv(self.output_dir / f"c2_recall_fpr{_rank_suffix()}.csv", self.c2_rows)
+
+
+class CaseSummary:
+    """``summary.json`` when the run completes: cases, succeeded, the failures (case, file, error) and the seconds
+    per step of every case (``summary_rank<r>.json`` when sharded)."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = Path(output_dir)
+        self.summary: dict = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        failures = list(getattr(engine, "failures", []))
+        seconds = dict(getattr(engine, "case_seconds", {}))
+        failed_ids = {f["case_id"] for f in failures}
+        seconds = {k: v for k, v in seconds.items() if k not in failed_ids}
+        self.summary = {
+            "cases": len(seconds) + len(failures),
+            "succeeded": len(seconds),
+            "failed": failures,
+            "seconds": seconds,
+        }
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / f"summary{_rank_suffix()}.json").write_text(json.dumps(self.summary, indent=2))
