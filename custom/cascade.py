@@ -442,14 +442,18 @@ def _first(value):
 
 
 class CascadePrepareBatch(CandidatePrepareBatch):
-    """:class:`custom.workflow.CandidatePrepareBatch` that also hands the evaluator's inferer the extra outputs of the
-    cascade: C1 as ``mask``, and the label as ``label`` when C2 comes from it (``c2_source="label"``)."""
+    """:class:`custom.workflow.CandidatePrepareBatch` for the cascade: C1 as the inferer's ``mask``, the label (when
+    it was loaded: a tensor, not a path) as the evaluator's target, and also as ``label=`` when C2 comes from it
+    (``c2_source="label"``)."""
 
     def __init__(self, candidate_key: str | None = "c1", pass_label: bool = False, **kwargs):
         super().__init__(candidate_key, **kwargs)
         self.pass_label = bool(pass_label)
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+        label = batchdata.get(self.label_key)
+        if not isinstance(label, torch.Tensor):  # not loaded (a path from dataset.json): no target
+            batchdata = {k: v for k, v in batchdata.items() if k != self.label_key}
         image, label, args, extra = super().__call__(batchdata, device, non_blocking, **kwargs)
         if self.pass_label:
             extra["label"] = label

@@ -1,6 +1,6 @@
 """Resampling labels back to the input grid by index gathers (``nearest_to_input_grid``): the same voxels as MONAI's
 ``Invertd(nearest_interp=True)`` on axis-aligned grids (up to the choice at exact ties, where both neighbours are
-nearest), None where it does not apply; the runner resamples only what it writes or evaluates."""
+nearest), None where it does not apply; the workflow resamples only what it writes or evaluates."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImaged, Orientationd, Spacingd
 
-from custom.cascade import CascadeInferer, CascadeRunner, nearest_to_input_grid
-from custom.inferer import ValidTiledInferer
-from custom.network import ValidUNet3D
+from custom.cascade import nearest_to_input_grid
 from custom.phantom import generate_phantom
 
 # orientation, phantom spacing (None: drawn, ~5.5-7 mm), working-grid spacing (mm)
@@ -86,27 +84,33 @@ def test_not_applicable_returns_none(tmp_path):
     assert nearest_to_input_grid(lab, MetaTensor(img.as_tensor())) is None  # no metadata
 
 
-def test_runner_resamples_only_what_it_writes(tmp_path, monkeypatch):
-    pre, d, p = _prepared(tmp_path, "LPS", (6.0, 6.0, 6.0))
-    from custom.candidates import BodyMaskd
+RESAMPLED = [
+    ({"save_outputs": ["qc"]}, ["inference.json"], ["pred"]),
+    ({"save_outputs": ["qc", "c2"]}, ["inference.json"], ["pred", "c2"]),
+    ({"save_outputs": ["c1", "stage1"]}, ["inference.json"], ["pred", "c1", "stage1"]),
+    ({"save_outputs": ["qc"], "stage1_only": "true"}, ["inference.json"], ["pred", "stage1", "c2"]),
+    ({}, ["inference.json", "evaluate.json"], ["pred", "stage1", "stage2_nol"]),  # what the metrics compare
+]
 
-    preprocessing = Compose([*pre.transforms, BodyMaskd("image", mask_key="c1", threshold=-500)])
-    torch.manual_seed(0)
-    nets = [ValidUNet3D(out_channels=8, features=2).eval() for _ in range(2)]
-    inf = ValidTiledInferer(amp=False)
-    cascade = CascadeInferer(nets[0], inf, inf)
-    seen = []
-    original = CascadeRunner._to_input_geometry
 
-    def spy(self, work, pred_keys):
-        seen.append(sorted(k for k in work if k != "image"))
-        return original(self, work, pred_keys)
+@pytest.mark.parametrize("over, files, expected", RESAMPLED)
+def test_workflow_resamples_only_what_it_writes(over, files, expected):
+    """Each map back on the input grid is a full-resolution resampling: ``inference.json`` asks ``ToInputGridd``
+    only for the label map, the optional outputs that are written and what the evaluation compares."""
+    from bundle_utils import config_files
+    from monai.bundle import ConfigParser
 
-    monkeypatch.setattr(CascadeRunner, "_to_input_geometry", spy)
-    case = {"image": str(tmp_path / "ct.nii.gz"), "label": str(tmp_path / "lab.nii.gz"), "case_id": "ct"}
-    for save, expected in ((("qc",), ["stage2"]), (("qc", "c2"), ["c2", "stage2"])):
-        runner = CascadeRunner([case], preprocessing, cascade, nets[1], str(tmp_path / "out"), {"liver": 3}, save=save)
-        runner.overwrite = True
-        qc = runner.run_case(case)
-        assert seen[-1] == expected
-        assert qc["shape"] == list(p.image.shape)
+    parser = ConfigParser()
+    parser.read_config(config_files("common.json", *files))
+    parser.update(over)
+    assert sorted(parser.get_parsed_content("back_to_input_keys")) == sorted(expected)
+    post = parser.get_parsed_content("postprocessing").transforms
+    names = [type(t).__name__ for t in post]
+    assert names[:2] == ["AsDiscreted", "ToInputGridd"], names
+    written = sorted(t.output_postfix for t in post if type(t).__name__ == "SaveCased")
+    stage1_only = over.get("stage1_only") == "true"
+    assert written == sorted(
+        ["c2", "stage1"]
+        if stage1_only
+        else ["seg", *[k for k in ("c1", "stage1", "c2") if k in over.get("save_outputs", [])]]
+    )

@@ -143,20 +143,21 @@ def test_out_of_fold_candidates_use_each_fold_model(dataset, tmp_path):
 
 
 def _stub_runner(cases, out: Path):
+    """Stands in for :class:`custom.cascade.CascadeEvaluator`: records which cases each run gets, with which weights."""
     calls = []
     net = ValidUNet3D(in_channels=1, out_channels=8, features=TINY["features"])
 
-    def run():
+    def run(check=True):
         calls.append(([c["case_id"] for c in stub.data], net.head.conv.bias.argmax().item()))
-        return {"seconds": {c["case_id"]: {"total": 0.0} for c in stub.data}}
+        stub.case_seconds.update({c["case_id"]: {"total": 0.0} for c in stub.data})
 
     stub = SimpleNamespace(
         data=list(cases),
-        cascade=SimpleNamespace(stage1_network=net),
-        output_dir=out,
+        inferer=SimpleNamespace(stage1_network=net),
         failures=[],
+        case_seconds={},
         run=run,
-        _check_existing=lambda: None,
+        check_existing=lambda: None,
     )
     return stub, calls
 
@@ -168,7 +169,7 @@ def test_out_of_fold_runner_without_config(dataset, tmp_path):
     for k in range(2):
         _constant_stage1(Path(pattern.format(fold=k)), cls=k + 3)
     stub, calls = _stub_runner(cases, tmp_path / "out")
-    summary = OutOfFoldRunner(stub, pattern, dataset_json=str(ds), n_folds=2).run()
+    summary = OutOfFoldRunner(stub, pattern, dataset_json=str(ds), n_folds=2, output_dir=str(tmp_path / "out")).run()
     folds = split_folds(cases, n_folds=2, seed=0)
     # one runner pass per fold, over that fold's validation cases, with that fold's weights loaded
     assert calls == [(_ids(val), k + 3) for k, (_, val) in enumerate(folds)]
@@ -199,5 +200,7 @@ def test_out_of_fold_runner_refuses_before_running(dataset, tmp_path, opts, erro
         cases = [*cases, {"case_id": "not_in_the_dataset", "image": "x.nii.gz"}]
     stub, calls = _stub_runner(cases, tmp_path / "out")
     with pytest.raises(error, match=message):
-        OutOfFoldRunner(stub, pattern, dataset_json=str(dataset), n_folds=n_folds).run()
+        OutOfFoldRunner(
+            stub, pattern, dataset_json=str(dataset), n_folds=n_folds, output_dir=str(tmp_path / "out")
+        ).run()
     assert calls == [] and not (tmp_path / "out").exists(), "nothing may run before every fold is checked"

@@ -325,11 +325,11 @@ def _share_dataset(dataset):
 
 
 def test_empty_input_list_is_an_error(tmp_path):
-    from custom.cascade import CascadeRunner
+    from custom.cascade import CaseDataset
     from custom.workflow import inference_datalist
 
     with pytest.raises(ValueError, match="input list is empty"):
-        CascadeRunner([], None, None, None, str(tmp_path), {"liver": 3})
+        CaseDataset([], None)
     with pytest.raises(Exception, match="empty folder"):
         inference_datalist(str(tmp_path))
 
