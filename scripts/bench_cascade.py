@@ -3,8 +3,9 @@
 What it measures, on a synthetic full-size CT (``custom.phantom``, written to NIfTI first, then read back like any
 input), with random Kaiming-initialised networks at the paper's widths (the same weights for every variant):
 
-- **cascade**: ``CascadeRunner.run_case`` split into reading, preprocessing (per transform), stage 1, C2, stage 2,
-  resampling back to the input grid and writing, for the project's default tiling (aligned, mask-aware tiles, stage 2
+- **cascade**: one case through ``inference.json``'s evaluator (``CascadeEvaluator.run``: the bundle workflow, with
+  the benchmark's networks and tiling variant), split into reading, preprocessing (per transform), stage 1, C2,
+  stage 2, resampling back to the input grid and writing, for the project's default tiling (aligned, mask-aware tiles, stage 2
   averaged over R = 4 pooling-phase passes), the same without mask-aware tiles, and the paper's tiling (44x44x28
   output tiles, stage 1 non-overlapping, stage 2 with the paper's 4x overlap). C2 is the dilated *ground truth*
   (r = 3) of the phantom by default (``--c2 label``): random weights would predict foreground almost everywhere, and
@@ -54,7 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from custom.cascade import CascadeInferer, CascadeRunner  # noqa: E402
+from custom.cascade import CascadeInferer  # noqa: E402
 from custom.inferer import ValidTiledInferer  # noqa: E402
 from custom.network import ValidUNet3D, forward_flops  # noqa: E402
 
@@ -225,9 +226,9 @@ class LabelC2Cascade(CascadeInferer):
 
     c2_label: torch.Tensor | None = None
 
-    def candidates(self, stage1_labels, mask=None):
+    def candidates(self, stage1_labels, mask=None, like=None):
         src = stage1_labels if self.c2_label is None else self.c2_label.to(stage1_labels.device)
-        return super().candidates(src, mask)
+        return super().candidates(src, mask, like)
 
 
 # -------------------------------------------------------------------------------------------------------- sections
@@ -269,8 +270,22 @@ def tile_inferers(cp, variant: str, args) -> tuple:
 
 
 def run_cascade(case: dict, pre: dict, nets, variant: str, args, device, outdir: Path) -> dict:
-    """One case through ``CascadeRunner.run_case`` with one tiling variant: the timings of every step and peaks."""
-    cp = parser_for("common.json", "inference.json", load_keys=["image"], load_modes=["bilinear"])
+    """One case through ``inference.json``'s evaluator with one tiling variant: the timings of every step and peaks.
+
+    The config's own ``evaluator`` (data loader, postprocessing, handlers) runs with the benchmark's networks, the
+    variant's inferers and the timed preprocessing put in its place; reading runs in the main process
+    (``inference_workers 0``) so that the preprocessing steps can be timed one by one."""
+    cp = parser_for(
+        "common.json",
+        "inference.json",
+        load_keys=["image"],
+        load_modes=["bilinear"],
+        input=case["image"],
+        output_dir=str(outdir / variant),
+        save_outputs=["qc"],
+        overwrite=True,
+        inference_workers=0,
+    )
     if args.target_spacing:
         cp["target_spacing"] = args.target_spacing
     pre_t = TimedCompose.make(cp.get_parsed_content("preprocessing_transforms"))
@@ -279,21 +294,19 @@ def run_cascade(case: dict, pre: dict, nets, variant: str, args, device, outdir:
     cascade = LabelC2Cascade(nets[0], s1, s2, radius=3, labels=labels)
     if args.c2 == "label":
         cascade.c2_label = pre["label"][None].round().to(torch.uint8)
-    runner = CascadeRunner(
-        data=[case],
-        preprocessing=pre_t,
-        cascade=cascade,
-        stage2_network=nets[1],
-        output_dir=str(outdir / variant),
-        labels=labels,
-        device=device,
-        save=("qc",),
-        overwrite=True,
-        progress=False,
-    )
+    cp["datalist"] = [{"image": case["image"], "case_id": case["case_id"]}]
+    cp["preprocessing"] = pre_t
+    cp["stage1_network"] = nets[0]
+    cp["network"] = nets[1]
+    cp["inferer"] = cascade
+    cp["device"] = device
+    evaluator = cp.get_parsed_content("evaluator")
     log(f"cascade {variant}: running")
     with Peak(device) as pk:
-        qc = runner.run_case(case)
+        evaluator.run()
+    if evaluator.failures:
+        raise RuntimeError(f"the case failed: {evaluator.failures}")
+    qc = json.loads((outdir / variant / f"{case['case_id']}_qc.json").read_text())
     sec = dict(qc["seconds"])
     reading = pre_t.times.get("CheckedLoadImaged", 0.0)
     row = {
