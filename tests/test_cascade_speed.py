@@ -106,7 +106,7 @@ def test_workflow_resamples_only_what_it_writes(over, files, expected):
     assert sorted(parser.get_parsed_content("back_to_input_keys")) == sorted(expected)
     post = parser.get_parsed_content("postprocessing").transforms
     names = [type(t).__name__ for t in post]
-    assert names[:2] == ["AsDiscreted", "ToInputGridd"], names
+    assert names[:3] == ["AsDiscreted", "Compose", "ToInputGridd"], names  # argmax, label_postprocessing, back
     written = sorted(t.output_postfix for t in post if type(t).__name__ == "SaveCased")
     stage1_only = over.get("stage1_only") == "true"
     assert written == sorted(
