@@ -1,4 +1,5 @@
-"""The paper's evaluation report from the per-case CSVs written by the cascade runner in evaluation mode.
+"""The paper's evaluation report from the per-case CSVs written by the inference workflow in evaluation mode
+(``custom.case_handlers.CaseMetrics``).
 
 - Per-organ Dice for stage 1, stage 2 (non-overlapping) and stage 2 (overlapping): mean, std, median, min, max
   (Tables 1-2 of the paper), absent organs excluded (nanmean) and counted.
