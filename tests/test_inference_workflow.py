@@ -215,3 +215,27 @@ def test_preview_uses_the_configs_hu_window(tmp_path, monkeypatch):
     np.testing.assert_allclose(seen["image"], hu[0], atol=1e-3)
     with pytest.raises(ValueError, match="hu_window"):
         CasePreview(str(tmp_path), {"liver": 3}, hu_window=[300, -200])
+
+
+def test_inference_has_the_bundle_infer_properties(tmp_path):
+    """MONAI's inference properties (``bundle_root``, ``device``, ``network_def``, ``inferer``, ``dataset``,
+    ``evaluator``, ``preprocessing``, ``postprocessing``, ``handlers`` ...) are present and wired into the evaluator."""
+    p = generate_phantom(5, preset="tiny")
+    (tmp_path / "in").mkdir()
+    p.save(tmp_path / "in" / "ct.nii.gz", tmp_path / "lab.nii.gz")
+    w = _weights(tmp_path / "w.pt", force_class=3)
+    wf = ConfigWorkflow(
+        config_file=config_files("common.json", "inference.json"),
+        workflow_type="infer",
+        logging_file=False,
+        **NET,
+        input=str(tmp_path / "in"),
+        stage1_weights=str(w),
+        stage2_weights=str(w),
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+    evaluator = wf.parser.get_parsed_content("evaluator")
+    assert evaluator.inferer is wf.parser.get_parsed_content("inferer")
+    assert evaluator.network is wf.parser.get_parsed_content("network")
+    assert evaluator.data_loader.dataset is wf.parser.get_parsed_content("dataset")
