@@ -9,11 +9,11 @@
   temporary file in the same folder and then moved into place (a reader never sees a half-written file), and an
   existing file is never replaced unless ``overwrite`` (also against a file that appeared during the run).
 
-Example (a JSON edit, no Python: keep the largest component of every organ and name the output differently)::
+Example (a JSON edit, no Python: an extra config file that keeps the largest liver component on the working grid,
+through ``inference.json``'s ``label_postprocessing`` hook, and names the output ``<case>_organs.nii.gz``)::
 
-    "postprocessing#transforms": ["$@postprocessing_transforms[0]",
-        {"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": "$list(@labels.values())"},
-        "$@postprocessing_transforms[1:]"]
+    {"label_postprocessing": [{"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": [3]}],
+     "output_postfix": "organs"}
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ input), with random Kaiming-initialised networks at the paper's widths (the same
 
 - **cascade**: one case through ``inference.json``'s evaluator (``CascadeEvaluator.run``: the bundle workflow, with
   the benchmark's networks and tiling variant), split into reading, preprocessing (per transform), stage 1, C2,
-  stage 2, resampling back to the input grid and writing, for the project's default tiling (aligned, mask-aware tiles, stage 2
-  averaged over R = 4 pooling-phase passes), the same without mask-aware tiles, and the paper's tiling (44x44x28
-  output tiles, stage 1 non-overlapping, stage 2 with the paper's 4x overlap). C2 is the dilated *ground truth*
-  (r = 3) of the phantom by default (``--c2 label``): random weights would predict foreground almost everywhere, and
-  the point is the cost at a realistic C2 (~5-10 % of the voxels); the C2 step still runs the same distance transform.
+  stage 2, resampling back to the input grid and writing, for the project's default tiling (aligned, mask-aware
+  tiles, stage 2 averaged over R = 4 pooling-phase passes), the same without mask-aware tiles, and the paper's
+  tiling (44x44x28 output tiles, stage 1 non-overlapping, stage 2 with the paper's 4x overlap). C2 is the dilated
+  *ground truth* (r = 3) of the phantom by default (``--c2 label``): random weights would predict foreground almost
+  everywhere, and the point is the cost at a realistic C2 (~5-10 % of the voxels); the C2 step still runs the same
+  distance transform.
 - **monai**: MONAI's ``sliding_window_inference`` with the spleen bundle's UNet (16-256 channels, 2 residual units,
   batch norm), roi 96^3, overlap 0.25 and 0.5, sw_batch_size 4, on the same resampled volume: the usual reference.
 - **train**: training throughput at the paper's patch (132x132x116; batch 2 on CUDA, 1 on CPU): the full loop (data

@@ -239,3 +239,60 @@ def test_inference_has_the_bundle_infer_properties(tmp_path):
     assert evaluator.inferer is wf.parser.get_parsed_content("inferer")
     assert evaluator.network is wf.parser.get_parsed_content("network")
     assert evaluator.data_loader.dataset is wf.parser.get_parsed_content("dataset")
+
+
+def test_save_cased_is_atomic_uint8_and_never_clobbers(tmp_path):
+    """``SaveCased`` (a ``SaveImaged``): ``<case>_<postfix>.nii.gz`` with the map's affine, uint8, no temporary file
+    left behind; an existing file is refused by name unless ``overwrite``."""
+    from custom.postprocess import SaveCased
+
+    affine = np.diag([-0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = [10.0, -20.0, 30.0]
+    lab = torch.zeros(1, 6, 5, 4)
+    lab[0, 2:4, 1:3, 1:3] = 7
+    item = {"case_id": "c01", "pred": MetaTensor(lab, affine=torch.as_tensor(affine))}
+    SaveCased("pred", output_dir=str(tmp_path), output_postfix="seg")(item)
+    img = nib.load(tmp_path / "c01_seg.nii.gz")
+    assert img.get_data_dtype() == np.uint8 and img.shape == (6, 5, 4)
+    np.testing.assert_allclose(img.affine, affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), lab[0].numpy().astype(np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c01_seg.nii.gz"]
+    assert SaveCased("pred", output_dir=str(tmp_path)).planned_outputs("c01") == [tmp_path / "c01_seg.nii.gz"]
+    item["pred"] = MetaTensor(torch.ones(1, 6, 5, 4), affine=torch.as_tensor(affine))
+    with pytest.raises(FileExistsError, match="c01_seg.nii.gz"):
+        SaveCased("pred", output_dir=str(tmp_path))(item)
+    assert np.asarray(nib.load(tmp_path / "c01_seg.nii.gz").dataobj).max() == 7, "the first file is kept"
+    SaveCased("pred", output_dir=str(tmp_path), overwrite="true")(item)
+    assert np.asarray(nib.load(tmp_path / "c01_seg.nii.gz").dataobj).min() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c01_seg.nii.gz"]
+    with pytest.raises(ValueError, match="one key per file name"):
+        SaveCased(["pred", "c2"], output_dir=str(tmp_path))
+
+
+def test_a_handler_error_fails_that_case_only(tmp_path):
+    """A per-case handler that raises (here: a label of another shape) records that case as failed, by name and
+    file, and the other items of the iteration are still handled."""
+    from types import SimpleNamespace
+
+    from custom.case_handlers import CaseMetrics
+
+    gt = tmp_path / "lab.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), gt)
+    failures = []
+    good = {
+        "case_id": "good",
+        "label_path": str(gt),
+        "pred": torch.zeros(1, 4, 4, 4),
+        "stage1": torch.zeros(1, 4, 4, 4),
+    }
+    bad = {**good, "case_id": "bad", "image_path": "bad.nii.gz", "pred": torch.zeros(1, 5, 4, 4)}
+    engine = SimpleNamespace(
+        state=SimpleNamespace(output=[bad, good, {"failed": "earlier"}], batch=[{}, {}, {}]),
+        record_failure=lambda case, image, e: failures.append((case, image, str(e))),
+    )
+    handler = CaseMetrics(str(tmp_path), {"liver": 3})
+    handler(engine)
+    assert len(failures) == 1 and failures[0][:2] == ("bad", "bad.nii.gz")
+    assert "label shape (4, 4, 4) differs" in failures[0][2]
+    assert [r["case_id"] for r in handler.metrics_rows] == ["good", "good"]  # stage 1 and stage 2 rows
+    assert engine.state.output[0]["failed"] == "bad"
