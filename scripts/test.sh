@@ -8,4 +8,4 @@ bash scripts/setup_env.sh
 py=.venv/bin/python
 $py -m ruff format --check custom tests scripts
 $py -m ruff check custom tests scripts
-$py -m pytest -q -p no:cacheprovider "$@"
+$py -m pytest -q -p no:cacheprovider --durations=15 "$@"
