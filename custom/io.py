@@ -690,7 +690,7 @@ def affine_problems(affine: Any, shape: Sequence[int], what: str = "the affine")
             f"{what}: voxel spacing {[float(f'{v:.4g}') for v in spacing]} mm: {axes} is outside "
             f"({lo:g}, {hi:g}] mm for a CT"
         )
-    extent = spacing * np.asarray(list(shape)[:3], dtype=np.float64)
+    extent = spacing * np.asarray((list(shape)[:3] + [1, 1, 1])[:3], dtype=np.float64)  # a 2D image: 1 slice
     far = [(i, float(v)) for i, v in enumerate(extent) if v > MAX_EXTENT_MM]
     if far:
         axes = ", ".join(f"{v:.0f} mm along axis {i}" for i, v in far)
