@@ -230,12 +230,17 @@ def _visible_files(folder: Path, broken: bool = False) -> list[Path]:
 
 
 def _as_input_paths(path: Any) -> list[Path] | None:
-    """A list, a tuple or a glob pattern as the paths it names; ``None`` for one plain path."""
+    """A list, a tuple, the text of a list (``"[a.nii.gz,b.nii.gz]"``) or a glob pattern as the paths it names;
+    ``None`` for one plain path."""
     if isinstance(path, (list, tuple)):
         if not path:
             raise InputError(None, "--input is an empty list")
         return [Path(str(x)).expanduser() for x in path]
     text = str(path)
+    if text.startswith("[") and text.endswith("]") and not Path(text).expanduser().exists():
+        # fire passes --input [a.nii.gz,b.nii.gz] (no quotes inside) as this string, not as a list
+        items = [x.strip().strip("'\"") for x in text[1:-1].split(",")]
+        return _as_input_paths([x for x in items if x])
     if any(c in text for c in "*?[") and not Path(text).expanduser().exists():
         import glob
 
@@ -299,6 +304,8 @@ def list_inputs(path: str | os.PathLike | Sequence[str], series_uid: str | None 
         if sub:
             try:
                 cases.append(_dicom_case(d, sub, series_uid))
+            except _NoImageSlices as e:  # e.g. the dose report exported as a series of its own: not a case
+                _warn(d, f"not a case: {e.message}")
             except InputError as e:  # one bad series folder fails as its own case (loading raises this again)
                 logger.warning("%s", e)
                 cases.append(CaseInput(d.name, "dicom", d, series_uid))
@@ -348,6 +355,10 @@ NON_IMAGE_SOP_PREFIXES = (
 )
 
 
+class _NoImageSlices(InputError):
+    """A DICOM folder that holds only non-image objects (a dose report exported as its own series)."""
+
+
 def _non_image_reason(ds: Any) -> str | None:
     """Why a DICOM header is not a slice of an image volume, or ``None`` if it is one."""
     modality = str(getattr(ds, "Modality", "") or "").upper()
@@ -393,7 +404,9 @@ def scan_dicom_series(folder: str | os.PathLike, files: Sequence[Path] | None = 
         listed = "; ".join(skipped[:5]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 5 else "")
         _warn(folder, f"skipped {len(skipped)} DICOM object(s) that are not image slices: {listed}")
     if not groups:
-        raise InputError(folder, f"no DICOM image slices in this folder, only other objects: {'; '.join(skipped[:5])}")
+        raise _NoImageSlices(
+            folder, f"no DICOM image slices in this folder, only other objects: {'; '.join(skipped[:5])}"
+        )
     return groups
 
 

@@ -142,6 +142,23 @@ def test_verify_data_false_typed_as_text_switches_verification_off(dataset, tmp_
     assert "--verify_data must be true or false" in str(cause(e.value, ValueError))
 
 
+@pytest.mark.parametrize("mixin", [[], ["multi_gpu_train.json"]])
+def test_training_config_flags_coerce_every_boolean(mixin):
+    parser = ConfigParser()
+    parser.read_config(config_files("common.json", "train.json", *mixin))
+    typed = {"resume": "false", "overwrite": "True", "verify_data": "0", "allow_label_flip": "yes"}
+    parser.update(typed)
+    assert {k: parser.get_parsed_content(f"flags#{k}") for k in typed} == {
+        "resume": False,
+        "overwrite": True,
+        "verify_data": False,
+        "allow_label_flip": True,
+    }
+    init = json.dumps(parser["initialize"]).replace("::", "#")  # the parser stores "#" as "::"
+    for key in ("verify_data", "resume", "overwrite", "allow_label_flip"):  # coerced values, never the raw ones
+        assert f"@flags#{key}" in init and f"@{key}" not in init.replace(f"@flags#{key}", ""), init
+
+
 def test_training_booleans_unit_level(tmp_path):
     assert ResumeFromCheckpoint(str(tmp_path / "x.pt"), {"net": torch.nn.Linear(1, 1)}, resume="false").resume is False
     assert ResumeFromCheckpoint(str(tmp_path / "x.pt"), {"net": torch.nn.Linear(1, 1)}, resume="True").resume is True
@@ -250,6 +267,10 @@ def test_folder_with_two_series_is_one_failed_case_not_the_end_of_the_batch(tmp_
     write_dicom_series(tmp_path / "p2", dicom_volume(), series_uid="1.2.3.22", names=[f"b{k}" for k in range(10)])
     write_dicom_series(tmp_path / "p3", dicom_volume(), series_uid="1.2.3.3")
     non_image_dicom(tmp_path / "p3" / "RD_dose")  # the dose report of issue 12
+    (tmp_path / "p4_dose_report").mkdir()
+    non_image_dicom(tmp_path / "p4_dose_report" / "SR0001")  # a report exported as a series of its own: no case
+    with pytest.warns(InputWarning, match=r"p4_dose_report: not a case: no DICOM image slices"):
+        list_inputs(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InputWarning)
         cases = list_inputs(tmp_path)
@@ -406,7 +427,9 @@ def test_windows_backslashes_in_dataset_json(tmp_path):
 def test_list_glob_or_number_as_input(tmp_path):
     for name in ("b.nii.gz", "a.nii.gz", "c.nii"):
         save_nifti(tmp_path / name, ct_array())
-    listed = list_inputs([str(tmp_path / "b.nii.gz"), str(tmp_path / "a.nii.gz")])  # fire: --input [b,a]
+    listed = list_inputs([str(tmp_path / "b.nii.gz"), str(tmp_path / "a.nii.gz")])  # fire: --input '["b","a"]'
+    assert [c.case_id for c in listed] == ["b", "a"]
+    listed = list_inputs(f"[{tmp_path / 'b.nii.gz'},{tmp_path / 'a.nii.gz'}]")  # fire: --input [b,a] is a string
     assert [c.case_id for c in listed] == ["b", "a"]
     assert [c.case_id for c in list_inputs(str(tmp_path / "*.nii.gz"))] == ["a", "b"]  # a quoted glob
     with pytest.raises(InputError, match="the pattern matches no file"):
