@@ -423,6 +423,14 @@ def label_disagreements(json_labels: Mapping[str, int], label_map: Mapping[str, 
     return out
 
 
+def _same_box(a: np.ndarray, b: np.ndarray, shape: Sequence[int], tol: float) -> bool:
+    """Whether two voxel-to-world affines of one voxel grid ``shape`` cover the same box of world space."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape[:3]], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    wa, wb = (a @ corners)[:3], (b @ corners)[:3]
+    return bool(np.allclose(np.sort(wa, axis=1), np.sort(wb, axis=1), atol=tol))
+
+
 def _check_case(
     item: Mapping,
     allowed: set[int],
@@ -472,26 +480,35 @@ def _check_case(
                     f"{np.round(zi.astype(float), 4).tolist()} ({img_path})"
                 )
             ai, al = img.affine, lab.affine
-            if np.abs(ai[:3, 3] - al[:3, 3]).max() > 1e-2:
-                warns.append(
-                    f"{lab_path}: label origin {np.round(al[:3, 3], 3).tolist()} differs from image origin "
-                    f"{np.round(ai[:3, 3], 3).tolist()}"
-                )
             di, dl = ai[:3, :3] / np.maximum(zi, 1e-12), al[:3, :3] / np.maximum(zl, 1e-12)
-            if np.abs(di - dl).max() > 1e-3:
-                codes_i, codes_l = "".join(nib.aff2axcodes(ai)), "".join(nib.aff2axcodes(al))
-                message = (
-                    f"{lab_path}: label axis directions ({codes_l}) differ from the image's ({codes_i}, {img_path}): "
-                    "training reorients each by its own header"
-                )
-                if allow_label_flip:
-                    warns.append(message + " (allowed by allow_label_flip)")
-                else:
-                    errors.append(
-                        message + ", so if the label voxels line up with the image voxels, every label is used "
-                        "mirrored. Fix the label's header (give it the image's affine); if the label really is "
-                        "stored in another orientation, pass allow_label_flip=true"
+            if np.abs(di - dl).max() <= 1e-3:
+                if np.abs(ai[:3, 3] - al[:3, 3]).max() > 1e-2:
+                    warns.append(
+                        f"{lab_path}: label origin {np.round(al[:3, 3], 3).tolist()} differs from image origin "
+                        f"{np.round(ai[:3, 3], 3).tolist()}"
                     )
+            else:
+                codes_i, codes_l = "".join(nib.aff2axcodes(ai)), "".join(nib.aff2axcodes(al))
+                if _same_box(ai, al, img_shape, float(zi.max())):
+                    # stored in another voxel order but covering the same space: reorienting both aligns them
+                    warns.append(
+                        f"{lab_path}: label stored in another orientation ({codes_l}) than its image ({codes_i}) over "
+                        "the same space; training reorients both"
+                    )
+                else:
+                    message = (
+                        f"{lab_path}: label axis directions ({codes_l}) differ from the image's ({codes_i}, "
+                        f"{img_path}) and the label does not cover the image's space"
+                    )
+                    if allow_label_flip:
+                        warns.append(message + " (allowed by allow_label_flip)")
+                    else:
+                        errors.append(
+                            message + ": a flipped header. Training reorients each file by its own header, so the "
+                            "label would be used mirrored. Fix the label's header (give it the image's affine if its "
+                            "voxels line up with the image's), or pass allow_label_flip=true to train as the headers "
+                            "say"
+                        )
     if lab_shape:
         try:
             arr = np.asanyarray(lab.dataobj)

@@ -523,6 +523,13 @@ def test_flipped_label_header_is_an_error_unless_allowed(tmp_path):
     assert "label axis directions (RAS) differ from the image's (LAS" in problem and "allow_label_flip" in problem
     report = verify_dataset(js, PAPER_LABELS, allow_label_flip=True)
     assert report.ok and any("allowed by allow_label_flip" in w for w in report.warnings)
+    # a label really stored in another voxel order (mirrored voxels, matching header) covers the same space: a warning
+    lab_path = tmp_path / "labelsTr" / "flipped.nii.gz"
+    lab = np.asarray(nib.load(lab_path).dataobj)
+    mirror = np.array([[-1.0, 0, 0, lab.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    save_nifti(lab_path, np.ascontiguousarray(lab[::-1]), GOOD @ mirror)
+    report = verify_dataset(js, PAPER_LABELS)
+    assert report.ok and any("stored in another orientation (RAS) than its image (LAS)" in w for w in report.warnings)
 
 
 BTCV_LABELS = {"0": "background", "1": "spleen", "2": "rkid", "3": "lkid", "4": "gall", "5": "eso", "6": "liver"}
