@@ -166,6 +166,17 @@ def test_training_booleans_unit_level(tmp_path):
         ResumeFromCheckpoint(str(tmp_path / "x.pt"), {"net": torch.nn.Linear(1, 1)}, resume="flase")
 
 
+def test_phantom_cli_overwrite_false_typed_as_text_keeps_the_dataset(tmp_path):
+    from custom.phantom import _cli_write_dataset
+
+    (tmp_path / "dataset.json").write_text("an earlier dataset")
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        _cli_write_dataset(str(tmp_path), n_train=1, n_test=0, preset="tiny", overwrite="false")
+    with pytest.raises(ValueError, match="--overwrite must be true or false"):
+        _cli_write_dataset(str(tmp_path), n_train=1, n_test=0, preset="tiny", overwrite="flase")
+    assert (tmp_path / "dataset.json").read_text() == "an earlier dataset"
+
+
 def test_verify_cli_booleans(tmp_path, capsys):
     root = tmp_path / "ds"
     js = flipped_label_dataset(root)
