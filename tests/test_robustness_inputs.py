@@ -295,6 +295,46 @@ def test_folder_with_two_series_is_one_failed_case_not_the_end_of_the_batch(tmp_
     assert "--datalist#series_uid" in msg  # an option the user can pass on the bundle command line (next test)
 
 
+def test_dicom_batch_through_inference_json_segments_the_good_series(tmp_path, capsys):
+    from custom.network import ValidUNet3D
+
+    inputs = tmp_path / "in"
+    big = dicom_volume((40, 36, 24))
+    write_dicom_series(inputs / "p1", big, spacing=(3.0, 3.0), slice_step=3.0, series_uid="1.2.3.1")
+    non_image_dicom(inputs / "p1" / "RD_dose")  # the dose report beside the series of issue 12
+    write_dicom_series(inputs / "p2", big, spacing=(3.0, 3.0), slice_step=3.0, series_uid="1.2.3.21")
+    write_dicom_series(
+        inputs / "p2",
+        big,
+        spacing=(3.0, 3.0),
+        slice_step=3.0,
+        series_uid="1.2.3.22",
+        names=list("abcdefghijklmnopqrstuvwx"),
+    )
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    torch.save({"network": ValidUNet3D(in_channels=1, out_channels=8, features=TINY["features"]).state_dict()}, weights)
+    over = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
+    wf = ConfigWorkflow(
+        config_file=config_files("common.json", "inference.json"),
+        workflow_type=None,
+        logging_file=False,
+        **{**over, "input": str(inputs), "output_dir": str(tmp_path / "out"), "stage1_weights": str(weights),
+           "stage2_weights": str(weights), "stage2_overlap": 1},
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InputWarning)
+        wf.initialize()
+        wf.run()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["cases"] == 2 and summary["succeeded"] == 1, summary
+    [failed] = summary["failed"]
+    assert (
+        failed["case_id"] == "p2" and "2 DICOM series" in failed["error"] and "--datalist#series_uid" in failed["error"]
+    )
+    assert nib.load(tmp_path / "out" / "p1_seg.nii.gz").shape == big.shape
+
+
 def test_series_uid_is_passable_from_the_bundle_command_line(tmp_path):
     folder = tmp_path / "p2"
     write_dicom_series(folder, dicom_volume(), series_uid="1.2.3.21")
