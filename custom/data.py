@@ -364,7 +364,8 @@ def _data_complete(img: Any, path: Path) -> str | None:
     """
     try:
         hdr = img.header
-        expected = int(hdr.get_data_offset()) + int(np.prod(img.shape)) * hdr.get_data_dtype().itemsize
+        offset = int(getattr(img.dataobj, "offset", hdr.get_data_offset()))  # the header copy may say 0
+        expected = offset + int(np.prod(img.shape)) * hdr.get_data_dtype().itemsize
         size = path.stat().st_size
         if not str(path).lower().endswith(".gz"):
             if size < expected:

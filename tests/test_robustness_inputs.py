@@ -643,6 +643,23 @@ def test_one_bad_training_case_is_refused_by_verification(name, breaker):
         assert not (out / "checkpoints").exists()
 
 
+def test_cut_files_are_found_from_their_size_without_decompressing_good_ones(tmp_path, monkeypatch):
+    import gzip
+
+    from custom.data import _data_complete
+
+    good = save_nifti(tmp_path / "good.nii.gz", ct_array((30, 30, 30)))
+    plain = save_nifti(tmp_path / "plain.nii", ct_array((30, 30, 30)))
+    opened = []
+    real_open = gzip.open
+    monkeypatch.setattr(gzip, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    assert _data_complete(nib.load(good), good) is None and _data_complete(nib.load(plain), plain) is None
+    assert opened == []  # the gzip trailer (uncompressed size) matched: nothing decompressed
+    for path in (good, plain):
+        path.write_bytes(path.read_bytes()[:-200])
+        assert "truncated" in _data_complete(nib.load(path), path)
+
+
 def test_flipped_label_refused_through_train_json_unless_allowed(dataset, tmp_path):
     ds = copy_dataset(dataset, tmp_path / "ds")
     lab = training_label(ds)
