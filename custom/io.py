@@ -309,8 +309,9 @@ def list_inputs(path: str | os.PathLike | Sequence[str], series_uid: str | None 
             except InputError as e:  # one bad series folder fails as its own case (loading raises this again)
                 logger.warning("%s", e)
                 cases.append(CaseInput(d.name, "dicom", d, series_uid))
-    if cases:
-        return cases
+    if cases:  # a broken link beside series folders was a series folder: a case that fails on loading
+        cases += [CaseInput(f.name, "dicom", f) for f in files if _is_broken_link(f)]
+        return sorted(cases, key=lambda c: c.case_id)
     if not files and not subdirs:
         raise InputError(p, "empty folder: no NIfTI files and no DICOM series")
     seen = ", ".join(f.name for f in files[:5]) + (", ..." if len(files) > 5 else "")

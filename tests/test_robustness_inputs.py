@@ -519,6 +519,11 @@ def test_broken_symlink_in_a_dicom_folder_fails_that_series(tmp_path):
     with pytest.raises(InputError) as e:
         load_image_checked(tmp_path / "s")
     assert str(e.value).startswith(f"{tmp_path / 's'}: 1 broken symbolic link(s) in the series folder (IM0011)")
+    os.symlink(tmp_path / "unmounted" / "series2", tmp_path / "t")  # a linked series folder whose disk is gone
+    cases = list_inputs(tmp_path)
+    assert [c.case_id for c in cases] == ["s", "t"]
+    with pytest.raises(InputError, match="t: broken symbolic link"):
+        load_image_checked(cases[1].path)
 
 
 @pytest.mark.parametrize("bad", ["../../escape", "sub/case", "..", "a\\b", "", "x\x00y"])
