@@ -148,7 +148,9 @@ def load_datalist(
     the lists are built by scanning ``imagesTr``/``labelsTr`` (``imagesTs`` for ``test``) instead, pairing by case id
     (nnU-Net ``_0000`` channel suffixes allowed on images); ``dataset_json`` may then be the dataset folder itself.
     Errors (:class:`DatasetError`, naming the file): no such list, an empty list, duplicate case ids, unmatched image
-    or label ids (all listed), multi-channel images.
+    or label ids (all listed), multi-channel images, case ids that would name files outside an output folder
+    (:func:`custom.io.safe_case_id`), Windows absolute paths. Windows separators in relative paths
+    (``imagesTr\\case_1.nii.gz``) are read as ``/``.
 
     >>> cases = load_datalist("/data/Task07_Pancreas/dataset.json")  # doctest: +SKIP
     >>> cases[0]  # doctest: +SKIP
