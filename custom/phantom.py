@@ -2079,7 +2079,11 @@ def _cli_write_dataset(
     overwrite: bool = False,
     **overrides,
 ) -> str:
-    return str(write_dataset(out_dir, n_train, n_test, seed, labels, preset, overwrite, **overrides))
+    from custom.options import as_bool  # fire passes --overwrite false as the truthy string 'false'
+
+    return str(
+        write_dataset(out_dir, n_train, n_test, seed, labels, preset, as_bool(overwrite, "overwrite"), **overrides)
+    )
 
 
 def main() -> None:
