@@ -270,7 +270,7 @@ def runtime_modules(configs: Sequence[Any], package: str | os.PathLike) -> list[
     return ["__init__.py", *sorted(f"{m}.py" for m in seen)]
 
 
-def _format_python(files: Sequence[Path], required: bool | None) -> bool:
+def _format_python(files: Sequence[Path], required: bool | None, zoo_root: Path) -> bool:
     """Format ``files`` in place with the zoo's isort + black settings; False when the tools are absent (allowed)."""
     try:
         import black
@@ -289,7 +289,9 @@ def _format_python(files: Sequence[Path], required: bool | None) -> bool:
         magic_trailing_comma=ZOO_BLACK["magic_trailing_comma"],
         target_versions={black.TargetVersion[v.upper()] for v in ZOO_BLACK["target_versions"]},
     )
-    cfg = isort.Config(**ZOO_ISORT)
+    # isort tells first-party from third-party modules by the folders in src_paths (default: the working directory);
+    # the zoo runs it from its root, where ``custom`` is no top-level folder, so ``custom`` sorts as third-party
+    cfg = isort.Config(**ZOO_ISORT, src_paths=(str(zoo_root),))
     for f in files:
         src = f.read_text()
         out = black.format_str(isort.code(src, config=cfg), mode=mode)
@@ -656,6 +658,8 @@ def export_bundle(
         hint = f"overlay {overlay}" if overlay else "no overlay"
         _check_weights_fit(configs["inference.json"], bundle, shipped, hint)
         write_checksums(models)
+        listing = models / "checksums.json"
+        listing.write_text(_dump_json(json.loads(listing.read_text())))  # the zoo's JSON layout
 
         modules = runtime_modules([c for f, c in configs.items() if f != "metadata.json"], pkg_src)
         (bundle / "custom").mkdir()
@@ -670,7 +674,7 @@ def export_bundle(
         test_file.parent.mkdir(parents=True)
         n_labels = len(configs["inference.json"]["labels"])
         test_file.write_text(unit_test_source(name, n_labels))
-        _format_python([*(bundle / "custom").glob("*.py"), test_file], format_code)
+        _format_python([*(bundle / "custom").glob("*.py"), test_file], format_code, tmp)
 
         listed = [f"models/{v[0]}" for v in WEIGHTS.values()] if zoo_pr else None
         entries = large_file_entries(bundle, listed, max_file_bytes, large_file_url)

@@ -24,10 +24,17 @@ TorchScript module against the eager network on a random input.
 it with ``unittest``'s text runner from the zoo root; the exit status is non-zero on any failure or when the file is
 missing (the zoo's runner skips a missing file silently; here that is an error).
 
+``lint`` runs the zoo's code-format check (``runtests.sh --codeformat``: isort, black ``--skip-magic-trailing-comma``,
+flake8, with the zoo's ``setup.cfg``/``pyproject.toml`` values) and its pre-commit hooks (pre-commit-hooks package:
+end of file, trailing whitespace, YAML, docstring first, shebangs, 1 MB file limit, JSON layout with indent 4 in key
+order, line endings, private keys) on ``models/<bundle>`` and ``ci/unit_tests/test_<bundle>.py``. It prints every
+finding as ``FINDING <tool> <file>: <message>`` and exits 1 on any, 3 when a tool is not installed.
+
 Usage (from the export root written by ``python -m custom.export``, which is laid out like the zoo)::
 
     python scripts/zoo_ci.py verify --zoo_root export --bundle cascaded_3d_fcn --mode full --extra
     python scripts/zoo_ci.py unittest --zoo_root export --bundle cascaded_3d_fcn
+    python scripts/zoo_ci.py lint --zoo_root export --bundle cascaded_3d_fcn
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ import argparse
 import importlib
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import unittest
 from pathlib import Path
 
@@ -189,9 +199,86 @@ def run_unittest(zoo_root: Path, bundle: str) -> bool:
     return result.wasSuccessful() and result.testsRun > 0
 
 
+#: The zoo's setup.cfg values for flake8 and isort, and its black settings (pyproject.toml + runtests.sh).
+FLAKE8_ARGS = [
+    "--select=B,C,E,F,N,P,T4,W,B9",
+    "--max-line-length=120",
+    "--ignore=E203,E501,E741,W503,W504,C408,N812,B023,B905,B028,B907,C419",
+    "--per-file-ignores=__init__.py:F401 __main__.py:F401",
+]
+ISORT_ARGS = ["--profile", "black", "--line-length", "120", "-p", "models"]
+BLACK_ARGS = ["--skip-magic-trailing-comma", "--line-length", "120", "-t", "py37", "-t", "py38", "-t", "py39"]
+#: (module, arguments) of the pre-commit hooks the zoo's .pre-commit-config.yaml enables, in check mode.
+HOOKS = [
+    ("end_of_file_fixer", []),
+    ("trailing_whitespace_fixer", []),
+    ("check_yaml", []),
+    ("check_docstring_first", []),
+    ("check_executables_have_shebangs", []),
+    ("check_case_conflict", []),
+    ("check_added_large_files", ["--maxkb=1024"]),
+    ("detect_private_key", []),
+    ("pretty_format_json", ["--no-sort-keys", "--indent=4"]),
+    ("mixed_line_ending", []),
+]
+TOOLS = ("isort", "black", "flake8", "pre_commit_hooks", "bugbear", "flake8_comprehensions", "pep8ext_naming")
+
+
+def lint(zoo_root: Path, bundle: str) -> list[str]:
+    """Findings of the zoo's formatters, linters and pre-commit hooks on the bundle and its unit test (a copy)."""
+    import importlib.util
+
+    missing = [t for t in TOOLS if importlib.util.find_spec(t) is None]
+    if missing:
+        print(f"MISSING {missing}", flush=True)
+        sys.exit(3)
+    with tempfile.TemporaryDirectory() as scratch:  # the fixers rewrite files: work on a copy
+        root = Path(scratch)
+        shutil.copytree(zoo_root / "models" / bundle, root / "models" / bundle)
+        test = zoo_root / "ci" / "unit_tests" / f"test_{bundle}.py"
+        if test.is_file():
+            (root / "ci" / "unit_tests").mkdir(parents=True)
+            shutil.copy2(test, root / "ci" / "unit_tests" / test.name)
+        # pre-commit runs on the files a commit adds: a git repository with everything staged
+        subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+        subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and ".git" not in p.parts)
+        py = [f for f in files if f.endswith(".py")]
+        # pre-commit gives text hooks only text files (identify: no NUL byte); the large-file hook gets every file
+        text = [f for f in files if b"\0" not in (root / f).read_bytes()[:8192]]
+        findings = []
+
+        def run(tool: str, argv: list[str], per_line: bool = True) -> None:
+            res = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True, text=True)
+            if res.returncode != 0:
+                lines = [x for x in (res.stdout + res.stderr).splitlines() if x.strip()] if per_line else ["failed"]
+                findings.extend(f"FINDING {tool} {x}" for x in lines or [f"exit {res.returncode}"])
+
+        run("isort", ["-m", "isort", "--check-only", *ISORT_ARGS, *py])
+        run("black", ["-m", "black", "--check", "-q", *BLACK_ARGS, *py])
+        run("flake8", ["-m", "flake8", *FLAKE8_ARGS, *py])
+        for hook, args in HOOKS:
+            targets = text
+            if hook in ("check_added_large_files", "check_case_conflict"):
+                targets = files
+            elif hook == "trailing_whitespace_fixer":
+                targets = [f for f in text if not f.endswith((".ts", ".pt"))]
+            elif hook == "check_yaml":
+                targets = [f for f in text if f.endswith((".yml", ".yaml"))]
+            elif hook == "check_docstring_first":
+                targets = py
+            elif hook == "pretty_format_json":
+                targets = [f for f in text if f.endswith(".json")]
+            elif hook == "check_executables_have_shebangs":
+                targets = [f for f in text if os.access(root / f, os.X_OK)]
+            if targets:
+                run(hook, ["-m", f"pre_commit_hooks.{hook}", *args, *targets])
+    return findings
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["verify", "unittest"])
+    ap.add_argument("command", choices=["verify", "unittest", "lint"])
     ap.add_argument("--zoo_root", required=True, help="folder holding models/<bundle> (and ci/unit_tests)")
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--mode", default="full", choices=["full", "min", "regular"])
@@ -202,6 +289,10 @@ def main() -> None:
     if args.command == "verify":
         passed = verify(zoo_root, args.bundle, args.mode, args.extra, args.extra_weights)
         print("PASSED " + json.dumps(passed), flush=True)
+    elif args.command == "lint":
+        findings = lint(zoo_root, args.bundle)
+        print("\n".join(findings) or "[zoo_ci] lint: no findings", flush=True)
+        sys.exit(1 if findings else 0)
     else:
         sys.exit(0 if run_unittest(zoo_root, args.bundle) else 1)
 
