@@ -589,6 +589,7 @@ def export_bundle(
         export_bundle("export")  # -> Path("export/models/cascaded_3d_fcn")
     """
     import torch
+    from monai.bundle import ConfigParser
 
     from custom.checkpoint import write_checksums
     from custom.options import as_bool
@@ -672,7 +673,7 @@ def export_bundle(
 
         test_file = tmp / "ci" / "unit_tests" / unit_test.name
         test_file.parent.mkdir(parents=True)
-        n_labels = len(configs["inference.json"]["labels"])
+        n_labels = len(ConfigParser(configs["inference.json"]).get_parsed_content("labels"))
         test_file.write_text(unit_test_source(name, n_labels))
         _format_python([*(bundle / "custom").glob("*.py"), test_file], format_code, tmp)
 

@@ -423,6 +423,25 @@ def _pins() -> list[str]:
     return pins + [f"{k}=={v}" for k, v in META["required_packages_version"].items()]
 
 
+#: Import names whose distribution has another name.
+DISTRIBUTIONS = {"PIL": "pillow", "ignite": "pytorch-ignite", "skimage": "scikit-image", "yaml": "pyyaml"}
+
+
+def test_every_third_party_import_of_the_shipped_code_is_pinned(exported):
+    """The zoo installs only the metadata's pins (plus its own dev tools): an unpinned import fails there."""
+    imported = set()
+    for f in (exported / "custom").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {DISTRIBUTIONS.get(m, m) for m in imported if m not in sys.stdlib_module_names and m != "custom"}
+    pinned = {"monai", "torch", "numpy", *META["required_packages_version"]}
+    assert third_party <= pinned, sorted(third_party - pinned)
+    assert {"tqdm", "nibabel", "pydicom", "scipy"} <= third_party  # the scan sees the imports
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pin", _pins())
 def test_metadata_pin_has_a_python_310_wheel(pin):
