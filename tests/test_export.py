@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 from bundle_utils import CONFIGS, ROOT
+from conftest import SHARED
 from monai.bundle import ConfigParser
 from parameterized import parameterized
 
@@ -41,7 +42,7 @@ from custom.network import is_valid_size, output_size
 from custom.phantom import generate_phantom
 
 SCHEMA = ROOT / "tests" / "data" / "meta_schema_20240725.json"
-SHARED_SCHEMA = ROOT.parent / "shared" / "schema" / "meta_schema_20240725.json"
+SHARED_SCHEMA = SHARED / "schema" / "meta_schema_20240725.json"
 META = json.loads((CONFIGS / "metadata.json").read_text())
 COMMON = json.loads((CONFIGS / "common.json").read_text())
 DEMO = json.loads((CONFIGS / "demo.json").read_text())
