@@ -38,7 +38,7 @@ def candidate_recall_fpr(
     gt: np.ndarray,
     body: np.ndarray | None,
     labels: Mapping[str, int],
-    radii: Sequence[int] = tuple(range(7)),
+    radii: Sequence[int] = (0, 1, 2, 3, 4, 5, 6),
 ) -> list[dict]:
     """Recall and false-positive rate of the dilated stage-1 prediction, per organ and radius (the paper's Fig. 6).
 
