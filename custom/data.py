@@ -502,7 +502,8 @@ def verify_dataset(
     the values); image voxels only with ``check_images=True`` (NaN and HU range).
 
     ``source_labels`` (a preset name such as ``"btcv"`` or ``{source_id: name}``, see ``custom.label_presets``): the
-    label files carry the dataset's own ids, which training maps to ``labels``; the values are then checked against
+    label files carry the dataset's own ids, which training maps to ``labels`` (``labels="dataset"``: the dataset's
+    own label set, as ``--labels @dataset_labels`` in the bundle configs); the values are then checked against
     the mapping and the report says what maps where (:func:`mapping_report`): unmapped values are errors, structures
     the dataset does not label (absent: excluded from loss and Dice) and structures no checked case contains are
     warnings.
@@ -522,6 +523,10 @@ def verify_dataset(
         datalist = [dict(d) for d in dataset]
         if not datalist:
             raise DatasetError(["the datalist is empty"])
+    if isinstance(labels, str) and labels in ("dataset", "@dataset_labels") and source_labels is not None:
+        from custom.label_presets import dataset_labels
+
+        labels = dataset_labels(source_labels)  # the dataset's own label set, as `--labels @dataset_labels` trains
     label_map = _as_labels(labels, data)
     allowed = {0, *label_map.values()}
     errors: list[str] = []

@@ -320,6 +320,10 @@ def test_verify_reports_unmapped_values_and_absent_structures(tmp_path, capsys):
         verify(str(ds), labels="paper", num_classes=8, source_labels="btcv")
     assert "ERROR" in capsys.readouterr().out
 
+    own = verify_dataset(ds, "dataset", num_classes=14, raise_on_error=False, source_labels="btcv")
+    assert own.labels == dataset_labels("btcv") and own.unmapped == {14: 1} and "6 liver <- 6 liver" in own.summary()
+    assert own.cases_with_label["aorta"] == 1 and own.cases_with_label["liver"] == 2
+
     amos = _msd(tmp_path / "amos", {"c": [0, 1, 4, 6, 7, 8, 10, 13]}, {"0": "background", "1": "spleen"})
     rep = verify_dataset(amos, "paper", num_classes=8, raise_on_error=False, source_labels="amos")
     assert rep.ok and rep.absent == ["portal_vein"]
