@@ -31,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+
 __all__ = [
     "PRESETS",
     "SYNONYMS",
@@ -383,6 +385,21 @@ class LabelMapping:
     @property
     def absent_ids(self) -> list[int]:
         return sorted(self.labels[n] for n in self.absent)
+
+    def apply(self, label):
+        """The mapped copy of an integer label array (numpy), for code that reads label files itself; values the
+        mapping does not know are kept, as ``MapLabelValued`` keeps them.
+
+        >>> label_mapping("msd_task09_spleen", {"liver": 1, "spleen": 2}).apply(np.array([0, 1, 7])).tolist()
+        [0, 2, 7]
+        """
+        arr = np.asarray(label)
+        if not self.active:
+            return arr.copy()
+        out = arr.astype(np.int64, copy=True)
+        for o, t in self.mapping.items():
+            out[arr == o] = t
+        return out
 
     def describe(self) -> list[str]:
         """One line per target structure: which source ids and names feed it, or that it is absent."""

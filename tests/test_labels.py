@@ -106,6 +106,14 @@ def test_preset_maps_a_synthetic_label_map_through_the_shared_preprocessing(pres
     assert p.get_parsed_content("num_classes") == 8  # the head stays sized by `labels`
 
 
+def test_mapping_apply_equals_the_config_step_on_arrays():
+    m = label_mapping("flare22", PAPER_LABELS)
+    src = np.arange(0, 16).reshape(2, 2, 4)  # 14 and 15 are not FLARE22 ids: kept, as MapLabelValued keeps them
+    out = m.apply(src)
+    assert out.ravel().tolist() == [0, 3, 0, 4, 7, 1, 0, 0, 0, 6, 0, 5, 0, 0, 14, 15]
+    assert label_mapping(None, PAPER_LABELS).apply(src).tolist() == src.tolist()
+
+
 def test_absent_sets_of_the_datasets():
     def absent(name):
         return label_mapping(name, PAPER_LABELS).absent
@@ -426,3 +434,33 @@ def test_btcv_layout_runs_the_whole_readme_chain(btcv_dataset, tmp_path):
         stage2_weights=str(s2 / "checkpoints" / "model_final.pt"),
     )
     assert (ev / "report.md").is_file()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="custom/cascade.py CascadeRunner._evaluate reads the ground-truth label file with nibabel, bypassing the "
+    "preprocessing and so the source_labels mapping; the per-stage Dice then compares against the dataset's raw ids. "
+    "The fix belongs in cascade.py (map gt through label_mapping.mapping); remove this marker then.",
+)
+def test_evaluation_dice_uses_the_mapped_labels(btcv_dataset, tmp_path):
+    torch.manual_seed(0)
+    from custom.network import ValidUNet3D
+
+    w = tmp_path / "w.pt"
+    torch.save({"network": ValidUNet3D(in_channels=1, out_channels=8, features=TINY["features"]).state_dict()}, w)
+    ev = tmp_path / "eval"
+    over = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
+    res = subprocess.run(
+        bundle_cli(
+            ["common.json", "inference.json", "evaluate.json"],
+            {**over, "dataset_dir": str(btcv_dataset), "source_labels": "btcv", "output_dir": str(ev),
+             "stage1_weights": str(w), "stage2_weights": str(w)},
+        ),
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = (ev / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    # every phantom has a stomach (paper id 5); read raw, id 5 is BTCV's oesophagus, which the phantoms never label
+    stomach = [r.split(",")[header.index("stomach")] for r in rows[1:]]
+    assert stomach and all(v not in ("", "nan") for v in stomach), stomach
