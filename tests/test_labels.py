@@ -464,3 +464,19 @@ def test_evaluation_dice_uses_the_mapped_labels(btcv_dataset, tmp_path):
     # every phantom has a stomach (paper id 5); read raw, id 5 is BTCV's oesophagus, which the phantoms never label
     stomach = [r.split(",")[header.index("stomach")] for r in rows[1:]]
     assert stomach and all(v not in ("", "nan") for v in stomach), stomach
+
+
+def test_real_ct_preset_agrees_with_the_shared_data_and_maps_it(real_dir):
+    """The ``real_ct`` preset against the shared CTs' own metadata (class names and volumes)."""
+    case = real_dir / "01_totalseg_example_ct_abdomen_pelvis"
+    meta = json.loads((case / "meta.json").read_text())
+    assert {int(k): v for k, v in meta["label_abdo_classes"].items()} == get_preset("real_ct").labels
+    img = nib.load(case / "label_abdo.nii.gz")
+    lab = np.asarray(img.dataobj).astype(np.int64)
+    mapped = label_mapping("real_ct", PAPER_LABELS).apply(lab)
+    vox_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000
+    for name, src in (("liver", "liver"), ("artery", "aorta"), ("portal_vein", "portal_vein_and_splenic_vein")):
+        assert (mapped == PAPER_LABELS[name]).sum() * vox_ml == pytest.approx(
+            meta["label_abdo_volumes_ml"][src], abs=0.1
+        )
+    assert set(np.unique(mapped).tolist()) <= set(range(8))
