@@ -9,6 +9,7 @@ file. Images and labels are paired by case id, never by sorted order, so one mis
 Command line::
 
     python -m custom.data verify --dataset_json /data/Task07/dataset.json --labels paper
+    python -m custom.data verify --dataset_json /data/btcv/dataset.json --labels paper --source_labels btcv
     python -m custom.data folds --dataset_json /data/Task07/dataset.json --n_folds 5 --output folds.json
 """
 
@@ -71,6 +72,12 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)
     #: number of checked cases whose label file contains each label name
     cases_with_label: dict[str, int] = field(default_factory=dict)
+    #: with ``source_labels``: the mapping report of :func:`mapping_report` (lines), else empty
+    mapping: list[str] = field(default_factory=list)
+    #: label values found that ``source_labels`` does not map: {value: number of cases}
+    unmapped: dict[int, int] = field(default_factory=dict)
+    #: structures of the label set that the dataset does not label (``source_labels``) or that no checked case has
+    absent: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -82,6 +89,7 @@ class VerifyReport:
         if self.cases_with_label:
             counts = ", ".join(f"{name} {n}" for name, n in self.cases_with_label.items())
             lines.append(f"cases containing each label: {counts}")
+        lines += self.mapping
         lines += [f"ERROR {e}" for e in self.errors] + [f"WARNING {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -526,7 +534,7 @@ def _check_case(
                 )
             else:
                 present = {int(v) for v in values}
-                outside = sorted(present - allowed)
+                outside = sorted(present - allowed) if allowed is not None else []
                 if outside:
                     errors.append(f"{lab_path}: label values {outside[:20]} are not in the label set {sorted(allowed)}")
                 if num_classes is not None and present and max(present) >= num_classes:
@@ -553,6 +561,60 @@ def _check_case(
     return errors, warns, present
 
 
+def _source_mapping(source_labels, label_map: Mapping[str, int]):
+    from custom.label_presets import label_mapping
+
+    mapping = label_mapping(source_labels, label_map)
+    return mapping if mapping.active else None
+
+
+def mapping_report(
+    report: VerifyReport,
+    mapping,
+    checked: Sequence[Mapping],
+    present: Sequence[set[int]],
+    json_labels: Mapping[str, int] | None = None,
+) -> VerifyReport:
+    """Add what ``source_labels`` does to a dataset to ``report`` (in place; also returned).
+
+    - ``report.mapping``: one line per target structure naming the source ids that feed it, or ABSENT;
+    - an error per label file with values the mapping does not know (they would reach the loss unmapped), and
+      ``report.unmapped`` = {value: number of cases};
+    - a warning naming the structures the dataset does not label (absent: unlabelled, excluded from loss and Dice);
+    - a warning when dataset.json's ``labels`` list ids the mapping does not know.
+    """
+    known = set(mapping.source_ids)
+    unmapped: dict[int, int] = {}
+    for item, values in zip(checked, present, strict=True):
+        extra = sorted(set(values) - known)
+        for v in extra:
+            unmapped[v] = unmapped.get(v, 0) + 1
+        if extra:
+            report.errors.append(
+                f"{item.get('label', item.get('image'))}: label values {extra[:20]} are not mapped by source_labels "
+                f"{mapping.source!r} (it maps {mapping.source_ids}): add them to the mapping"
+            )
+    report.unmapped = dict(sorted(unmapped.items()))
+    report.mapping = [f"source_labels {mapping.source!r} -> label set:"] + [f"  {line}" for line in mapping.describe()]
+    if unmapped:
+        report.mapping.append(
+            "  unmapped values found: " + ", ".join(f"{v} ({n} case(s))" for v, n in report.unmapped.items())
+        )
+    if mapping.absent:
+        report.warnings.append(
+            f"structure(s) not labelled by source_labels {mapping.source!r}: {', '.join(mapping.absent)}; they are "
+            "treated as unlabelled (absent_classes: merged into background by the loss, Dice NaN), not as background"
+        )
+    if json_labels:
+        extra = sorted(v for v in json_labels.values() if v not in known)
+        if extra:
+            report.warnings.append(
+                f"dataset.json lists label ids {extra} ({', '.join(k for k, v in json_labels.items() if v in extra)}) "
+                f"that source_labels {mapping.source!r} does not map"
+            )
+    return report
+
+
 def verify_dataset(
     dataset: str | os.PathLike | Sequence[Mapping],
     labels: str | Mapping[str, int] | Sequence[str] | None = None,
@@ -566,6 +628,7 @@ def verify_dataset(
     log: bool = False,
     allow_label_flip: bool = False,
     check_json_labels: bool = True,
+    source_labels: str | Mapping | None = None,
 ) -> VerifyReport:
     """Check a training dataset before training and report every problem at once.
 
@@ -581,6 +644,13 @@ def verify_dataset(
     Warnings: origin differences, labels without foreground, a label never present, images and labels whose case
     numbers differ. Headers are read with nibabel and label voxels fully (needed for the values); image voxels only
     with ``check_images=True`` (NaN and HU range).
+
+    ``source_labels`` (a preset name such as ``"btcv"`` or ``{source_id: name}``, see ``custom.label_presets``): the
+    label files carry the dataset's own ids, which training maps to ``labels`` (``labels="dataset"``: the dataset's
+    own label set, as ``--labels @dataset_labels`` in the bundle configs); the values are then checked against
+    the mapping and the report says what maps where (:func:`mapping_report`): unmapped values are errors, structures
+    the dataset does not label (absent: excluded from loss and Dice) and structures no checked case contains are
+    warnings.
 
     Raises :class:`DatasetError` listing all errors (with ``.report``) unless ``raise_on_error=False``. ``log=True``
     (the training configs' ``initialize``) logs the summary line and every warning.
@@ -599,6 +669,10 @@ def verify_dataset(
         datalist = [dict(d) for d in dataset]
         if not datalist:
             raise DatasetError(["the datalist is empty"])
+    if isinstance(labels, str) and labels in ("dataset", "@dataset_labels") and source_labels is not None:
+        from custom.label_presets import dataset_labels
+
+        labels = dataset_labels(source_labels)  # the dataset's own label set, as `--labels @dataset_labels` trains
     label_map = _as_labels(labels, data)
     allowed = {0, *label_map.values()}
     errors: list[str] = []
@@ -606,7 +680,10 @@ def verify_dataset(
     if num_classes is not None and max(allowed) >= num_classes:
         errors.append(f"label set {label_map} needs {max(allowed) + 1} classes but num_classes={num_classes}")
     json_labels = _labels_from_json(data) if data is not None else None
-    if json_labels is not None and labels is not None and json_labels != label_map:
+    mapping = _source_mapping(source_labels, label_map)
+    if mapping is not None:
+        allowed, num_classes = None, None  # raw values are the dataset's own ids: checked by mapping_report
+    elif json_labels is not None and labels is not None and json_labels != label_map:
         clash = label_disagreements(json_labels, label_map) if check_json_labels else []
         if clash:
             errors.append(
@@ -632,14 +709,21 @@ def verify_dataset(
     for errs, ws, present in results:
         errors += errs
         warns += ws
-        for v in present:
+        for v in present if mapping is None else {mapping.mapping.get(v, -1) for v in present}:
             if v in by_id:
                 counts[by_id[v]] += 1
+    never_names = [name for name, n in counts.items() if n == 0]
+    if mapping is not None:
+        never_names = [n for n in never_names if n not in mapping.absent]  # mapping_report names those
     if any("label" in d for d in checked):
-        never = [f"{name} ({label_map[name]})" for name, n in counts.items() if n == 0]
+        never = [f"{name} ({label_map[name]})" for name in never_names]
         if never:
             warns.append(f"label(s) present in no checked case: {', '.join(never)}")
     report = VerifyReport(len(datalist), len(checked), label_map, errors, warns, counts)
+    if mapping is not None:
+        mapping_report(report, mapping, checked, [r[2] for r in results], json_labels)
+    if any("label" in d for d in checked):
+        report.absent = [*(mapping.absent if mapping is not None else []), *never_names]
     if log:
         logger.info("dataset verification: %s", report.summary().splitlines()[0])
         for w in warns:
@@ -743,11 +827,15 @@ def verify(
     num_workers: int = 2,
     allow_label_flip: bool = False,
     check_json_labels: bool = True,
+    source_labels: str | dict | None = None,
 ) -> None:
     """Verify a dataset, print a summary, exit 1 on any error (command ``verify``).
 
+    ``--source_labels btcv`` (or another preset of ``custom.label_presets``, or ``'{"1": "spleen", ...}'``): the
+    label files use that dataset's ids; the summary then shows the mapping, unmapped values and absent structures.
     Boolean options take ``true/false`` (any case), ``1/0``, ``yes/no``; anything else is refused by name (fire would
-    pass ``--check_geometry false`` as the truthy string ``'false'``)."""
+    pass ``--check_geometry false`` as the truthy string ``'false'``).
+    """
     try:
         from_folders = as_bool(from_folders, "from_folders")
         check_geometry = as_bool(check_geometry, "check_geometry")
@@ -770,6 +858,7 @@ def verify(
             raise_on_error=False,
             allow_label_flip=allow_label_flip,
             check_json_labels=check_json_labels,
+            source_labels=source_labels,
         )
     except (DatasetError, ValueError) as e:
         print(f"ERROR {e}", file=sys.stderr)
