@@ -55,10 +55,13 @@ class DatasetError(ValueError):
     """One or more problems with a training dataset; ``problems`` lists each one, naming its file."""
 
     def __init__(self, problems: Sequence[str], report: VerifyReport | None = None):
+        super().__init__(problems, report)  # all arguments: the error pickles and copies intact
         self.problems = list(problems)
         self.report = report
+
+    def __str__(self) -> str:
         head = f"{len(self.problems)} dataset problem(s):" if len(self.problems) > 1 else "dataset problem:"
-        super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in self.problems))
+        return head + "\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
 @dataclass
@@ -709,7 +712,8 @@ def verify_dataset(
     for errs, ws, present in results:
         errors += errs
         warns += ws
-        for v in present if mapping is None else {mapping.mapping.get(v, -1) for v in present}:
+        mapped = present if mapping is None else {mapping.mapping.get(v, -1) for v in present}
+        for v in mapped:
             if v in by_id:
                 counts[by_id[v]] += 1
     never_names = [name for name, n in counts.items() if n == 0]

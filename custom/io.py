@@ -95,9 +95,12 @@ class InputError(ValueError):
     """
 
     def __init__(self, path: str | os.PathLike | None, message: str):
+        super().__init__(path, message)  # all arguments: the error pickles (DataLoader workers) and copies intact
         self.path = None if path is None else str(path)
         self.message = message
-        super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path is not None else self.message
 
 
 def find_input_error(exc: BaseException | None) -> InputError | None:

@@ -426,3 +426,13 @@ def test_cli_exits_nonzero_on_problems(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "case_001.nii.gz: label values [9] are not in the label set" in proc.stdout
     assert "1 error(s)" in proc.stdout
+
+
+def test_dataset_error_survives_pickling():
+    import pickle
+
+    from custom.data import DatasetError
+
+    back = pickle.loads(pickle.dumps(DatasetError(["a.nii: bad", "b.nii: worse"])))
+    assert back.problems == ["a.nii: bad", "b.nii: worse"]
+    assert str(back) == "2 dataset problem(s):\n  - a.nii: bad\n  - b.nii: worse"
