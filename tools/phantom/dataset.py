@@ -150,4 +150,4 @@ def main() -> None:
     """``python -m tools.phantom write_dataset ...`` / ``python -m tools.phantom preview ...``."""
     import fire
 
-    fire.Fire({"write_dataset": _cli_write_dataset, "preview": preview})
+    fire.Fire({"write_dataset": _cli_write_dataset, "preview": preview}, name="tools.phantom")
