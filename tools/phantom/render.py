@@ -80,8 +80,8 @@ def render(an: Anatomy, cv: Canvas) -> None:
     paint_vessels(an, cv)
 
 
-# ---- table: a curved carbon-fibre plate (two thin dense skins around foam) below the body, separated by air
 def paint_table(an: Anatomy, cv: Canvas) -> None:
+    """Table: a curved carbon-fibre plate (two thin dense skins around foam) below the body, separated by air."""
     g = an.g
     wob = 1.0 + sum(amp * math.cos(-k * math.pi / 2 + ph) for k, amp, ph in g["wobble"])
     y_top = -g["b"] * wob - g["table_gap"]
@@ -97,8 +97,8 @@ def paint_table(an: Anatomy, cv: Canvas) -> None:
     cv.tissue[:] = m2[:, :, None]
 
 
-# ---- skin, fat, abdominal wall, cavity
 def paint_body(an: Anatomy, cv: Canvas) -> None:
+    """Skin, fat, abdominal wall, cavity."""
     body = an.body
     X = cv.xs[:, None, None]
     Y = cv.ys[None, :, None]
@@ -117,8 +117,8 @@ def paint_body(an: Anatomy, cv: Canvas) -> None:
         t[d >= m] = T["visceral_fat"]
 
 
-# ---- erector spinae, psoas, quadratus lumborum
 def paint_back_muscles(an: Anatomy, cv: Canvas) -> None:
+    """Erector spinae, psoas, quadratus lumborum."""
     sl = cv.box([an.x_s - 130, an.y_c - 60, -1e4], [an.x_s + 130, an.y_vb + 40, 1e4])
     if sl is None:
         return
@@ -130,8 +130,8 @@ def paint_back_muscles(an: Anatomy, cv: Canvas) -> None:
     t[m & ok] = T["muscle"]
 
 
-# ---- diaphragm, lungs, mediastinum, heart
 def paint_thorax(an: Anatomy, cv: Canvas) -> None:
+    """Diaphragm, lungs, mediastinum, heart."""
     g, body = an.g, an.body
     z_low = min(g["dome_floor_post"], g["dome_floor_ant"]) - 10.0
     sl = cv.box([-1e4, -1e4, z_low], [1e4, 1e4, 1e4])
@@ -211,7 +211,6 @@ def paint_small_bowel(an: Anatomy, cv: Canvas) -> None:
             cv.paint(sl, gas, T["gas"], own)
 
 
-# ---- organs
 def paint_organ(cv: Canvas, org: Organ):
     """The organ's box on the canvas, and there its signed distance and the free voxels it takes."""
     sl = cv.box(*org.box())
@@ -318,8 +317,8 @@ def paint_gi_tubes(an: Anatomy, cv: Canvas) -> None:
         cv.paint(sl, gas, T["gas"], OWN["colon"])
 
 
-# ---- vessels
 def paint_vessels(an: Anatomy, cv: Canvas) -> None:
+    """Vessels."""
     ok = cv.vessel_ok
     for key, tissue in (
         ("inferior_vena_cava", "caval_blood"),

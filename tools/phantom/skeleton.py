@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from tools.phantom.render import Canvas
 
 
-# ---- vertebrae, discs, canal, posterior elements
 def vertebral_levels(an: Anatomy):
     """(name, z centre, body height, disc below) from T6 down to S1, with L1 at z_L1."""
     g = an.g
@@ -36,6 +35,7 @@ def vertebral_levels(an: Anatomy):
 
 
 def paint_spine(an: Anatomy, cv: Canvas) -> None:
+    """Vertebral bodies (cortical rim, cancellous core), discs, spinal canal and posterior elements."""
     xs0 = an.x_s
     levels = vertebral_levels(an)
     sl = cv.box([xs0 - 75, an.y_c - 65, -1e4], [xs0 + 75, an.y_vb + 30, 1e4])
@@ -93,7 +93,6 @@ def paint_spine(an: Anatomy, cv: Canvas) -> None:
     t[disc & soft] = T["disc"]
 
 
-# ---- ribs and costal cartilages
 def wall_point(an: Anatomy, ang: float, z: float, frac: float) -> np.ndarray:
     """Point at polar angle ``ang`` and height z, ``frac`` of the way through fat + muscle from the skin."""
     body = an.body
@@ -109,6 +108,7 @@ def wall_point(an: Anatomy, ang: float, z: float, frac: float) -> np.ndarray:
 
 
 def rib_paths(an: Anatomy):
+    """Ribs T6-T12 on both sides: (centre line points, costal cartilage points or None) along the body wall."""
     g = an.g
     levels = {n: zc for n, zc, _, _ in vertebral_levels(an)}
     out = []
@@ -143,6 +143,7 @@ def rib_paths(an: Anatomy):
 
 
 def paint_ribs(an: Anatomy, cv: Canvas) -> None:
+    """Ribs and costal cartilages (into muscle and fat only)."""
     for pts, cart in rib_paths(an):
         if pts[:, 2].max() < cv.zs[0] - 10 or pts[:, 2].min() > cv.zs[-1] + 10:
             continue
@@ -159,6 +160,7 @@ def paint_ribs(an: Anatomy, cv: Canvas) -> None:
 
 
 def paint_bone_tube(cv: Canvas, p, r) -> None:
+    """A tube of cortical bone with a cancellous core, into soft tissue."""
     sl = cv.box(p.min(0) - r.max() - 4, p.max(0) + r.max() + 4)
     if sl is None:
         return
@@ -169,8 +171,8 @@ def paint_bone_tube(cv: Canvas, p, r) -> None:
     t[(d < -1.8) & soft] = T["cancellous_bone"]
 
 
-# ---- iliac wings (only in long fields of view)
 def paint_pelvis(an: Anatomy, cv: Canvas) -> None:
+    """Iliac wings (only in long fields of view)."""
     g = an.g
     zc = g["z_crest"]
     if cv.zs[0] > zc:
