@@ -30,7 +30,7 @@ end of file, trailing whitespace, YAML, docstring first, shebangs, 1 MB file lim
 order, line endings, private keys) on ``models/<bundle>`` and ``ci/unit_tests/test_<bundle>.py``. It prints every
 finding as ``FINDING <tool> <file>: <message>`` and exits 1 on any, 3 when a tool is not installed.
 
-Usage (from the export root written by ``python -m custom.export``, which is laid out like the zoo)::
+Usage (from the export root written by ``python -m tools.export``, which is laid out like the zoo)::
 
     python scripts/zoo_ci.py verify --zoo_root export --bundle cascaded_3d_fcn --mode full --extra
     python scripts/zoo_ci.py unittest --zoo_root export --bundle cascaded_3d_fcn

@@ -13,7 +13,7 @@ from monai.transforms import Compose, Invertd, LoadImaged, Orientationd, Spacing
 from custom.cascade import CascadeInferer, CascadeRunner, nearest_to_input_grid
 from custom.inferer import ValidTiledInferer
 from custom.network import ValidUNet3D
-from custom.phantom import generate_phantom
+from tools.phantom import generate_phantom
 
 # orientation, phantom spacing (None: drawn, ~5.5-7 mm), working-grid spacing (mm)
 CASES = [

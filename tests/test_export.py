@@ -29,17 +29,18 @@ from conftest import SHARED
 from monai.bundle import ConfigParser
 from parameterized import parameterized
 
-from custom.export import (
+from custom.network import is_valid_size, output_size
+from tools.export import (
     BUNDLE_NAME,
     MAX_FILE_BYTES,
     config_path_problems,
     export_bundle,
     flatten_config,
+    imported_tool_modules,
     runtime_modules,
     verify_bundle,
 )
-from custom.network import is_valid_size, output_size
-from custom.phantom import generate_phantom
+from tools.phantom import generate_phantom
 
 SCHEMA = ROOT / "tests" / "data" / "meta_schema_20240725.json"
 SHARED_SCHEMA = SHARED / "schema" / "meta_schema_20240725.json"
@@ -48,8 +49,6 @@ COMMON = json.loads((CONFIGS / "common.json").read_text())
 DEMO = json.loads((CONFIGS / "demo.json").read_text())
 FORMATS = sorted(k for k in META if k.endswith("network_data_format"))
 ZOO_CI = ROOT / "scripts" / "zoo_ci.py"
-#: Modules that are tools, never needed by a bundle workflow: they must not ship.
-TOOL_MODULES = {"phantom.py", "demo.py", "export.py"}
 #: flake8 findings (file, code) in the exported code that are not the export's to fix: code owned by the inference
 #: rewrite (issue 13 part 1). Exact: a finding not listed fails, and so does a listed one that is gone.
 KNOWN_FLAKE8 = {("custom/cascade.py", "B008")}
@@ -195,6 +194,18 @@ def test_runtime_modules_follow_imports_at_any_depth(tmp_path):
     assert runtime_modules([cfg], pkg) == ["__init__.py", "a.py", "b.py", "c.py", "d.py", "e.py"]
     with pytest.raises(FileNotFoundError, match=r"custom\.nothere"):
         runtime_modules([{"t": {"_target_": "custom.nothere.X"}}], pkg)
+    (pkg / "e.py").write_text("def f():\n    from tools.phantom import generate_phantom\n")  # a tool, at any depth
+    with pytest.raises(ImportError, match=r"e\.py ships in the bundle but imports \['tools\.phantom'\]"):
+        runtime_modules([cfg], pkg)
+
+
+def test_no_runtime_module_imports_a_tool():
+    """``custom/`` is what ships; ``tools/`` (phantoms, demo, export) stays in the repository."""
+    runtime = sorted((ROOT / "custom").glob("*.py"))
+    assert {p.name for p in runtime} >= {"__init__.py", "network.py", "inferer.py"}
+    assert {p.relative_to(ROOT).as_posix(): imported_tool_modules(p) for p in runtime if imported_tool_modules(p)} == {}
+    assert imported_tool_modules(ROOT / "tools" / "demo.py") == {"tools.phantom"}  # the scan sees tool imports
+    assert not {"phantom.py", "demo.py", "export.py"} & {p.name for p in runtime}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -239,7 +250,11 @@ def test_export_layout(exported):
     shipped = sorted(p.name for p in (exported / "custom").iterdir())
     configs = [json.loads(p.read_text()) for p in (exported / "configs").glob("*.json") if p.name != "metadata.json"]
     assert shipped == runtime_modules(configs, ROOT / "custom")
-    assert not TOOL_MODULES & set(shipped) and {"network.py", "inferer.py", "checkpoint.py"} <= set(shipped)
+    assert (
+        {"network.py", "inferer.py", "checkpoint.py"} <= set(shipped) <= {p.name for p in (ROOT / "custom").glob("*")}
+    )
+    assert not [f.name for f in (exported / "custom").glob("*.py") if imported_tool_modules(f)]
+    assert not [p for p in exported.rglob("*") if p.name in ("tools", "phantom", "demo.py", "export.py")]
     for f in (exported / "custom").glob("*.py"):  # the zoo's CI runs Python 3.10
         ast.parse(f.read_text(), filename=str(f), feature_version=(3, 10))
     everything = [p.relative_to(exported).as_posix() for p in exported.rglob("*")]

@@ -36,8 +36,8 @@ from custom.io import InputWarning
 from custom.loss import CandidateWeightedCELoss, class_weights
 from custom.metrics import dice_per_class
 from custom.network import ValidUNet3D
-from custom.phantom import generate_phantom
 from custom.workflow import SeededDataset, SeededSampler
+from tools.phantom import generate_phantom
 
 NET_OVERRIDES = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
 K = 8  # classes of the default (paper) label set

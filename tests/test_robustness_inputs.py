@@ -167,7 +167,7 @@ def test_training_booleans_unit_level(tmp_path):
 
 
 def test_phantom_cli_overwrite_false_typed_as_text_keeps_the_dataset(tmp_path):
-    from custom.phantom import _cli_write_dataset
+    from tools.phantom.dataset import _cli_write_dataset
 
     (tmp_path / "dataset.json").write_text("an earlier dataset")
     with pytest.raises(FileExistsError, match="pass overwrite=True"):

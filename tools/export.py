@@ -3,8 +3,8 @@
 The zoo reads ``configs/inference.json`` alone, loads ``models/model.pt`` without a checkpoint key, ships only the
 bundle folder and puts only that folder on ``sys.path``. In this repository the configs are composed
 (``common.json`` + a workflow file [+ ``demo.json``]), the weights are ``{"network": state_dict}`` checkpoints named
-``stage1.pt`` / ``stage2.pt``, and the code lives in ``custom/`` beside ``bundle/``. :func:`export_bundle` writes a
-folder laid out like a checkout of the zoo::
+``stage1.pt`` / ``stage2.pt``, and the runtime code lives in ``custom/`` beside ``bundle/`` (the tools in ``tools/``,
+this module among them, never ship). :func:`export_bundle` writes a folder laid out like a checkout of the zoo::
 
     export/
         models/cascaded_3d_fcn/       the bundle
@@ -37,11 +37,11 @@ runner calls it.
 
 Command line::
 
-    python -m custom.export --out export/                    # -> export/models/cascaded_3d_fcn/
-    python -m custom.export --out export/ --overwrite --zoo_pr --large_file_url https://example.org/v0.3.0
-    python -m custom.export --out export/ --overlay none --stage1_weights runs/stage1/checkpoints/model_final.pt \\
+    python -m tools.export --out export/                    # -> export/models/cascaded_3d_fcn/
+    python -m tools.export --out export/ --overwrite --zoo_pr --large_file_url https://example.org/v0.3.0
+    python -m tools.export --out export/ --overlay none --stage1_weights runs/stage1/checkpoints/model_final.pt \\
         --stage2_weights runs/stage2/checkpoints/model_final.pt     # your own paper-width weights
-    python -m custom.export verify --export export --schema tests/data/meta_schema_20240725.json --unit_test true
+    python -m tools.export verify --export export --schema tests/data/meta_schema_20240725.json --unit_test true
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ __all__ = [
     "config_path_problems",
     "export_bundle",
     "flatten_config",
+    "imported_tool_modules",
     "large_file_entries",
     "runtime_modules",
     "verify_bundle",
@@ -248,12 +249,26 @@ def _imported_custom_modules(path: Path) -> set[str]:
     return found
 
 
+def imported_tool_modules(path: str | os.PathLike) -> set[str]:
+    """The ``tools`` modules (dotted names) a module imports anywhere; a runtime module may import none."""
+    path = Path(path)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name == "tools" or a.name.startswith("tools.")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "tools" or node.module.startswith("tools."):
+                found.add(node.module)
+    return found
+
+
 def runtime_modules(configs: Sequence[Any], package: str | os.PathLike) -> list[str]:
     """The ``custom`` modules (file names) that ``configs`` import, transitively, plus ``__init__.py``.
 
     Roots: every ``custom.<module>`` named in a config string (``_target_``, ``$`` expressions, imports); then every
     ``custom`` import of those modules, at any depth of their code. Raises ``FileNotFoundError`` naming a module a
-    config or a module asks for that the package does not have.
+    config or a module asks for that the package does not have, and ``ImportError`` naming a shipped module that
+    imports ``tools`` (phantoms, demo, export: they stay in the repository).
     """
     pkg = Path(package)
     todo = {m.group(1) for _, _, s in (t for c in configs for t in _walk(c)) for m in _CUSTOM_REF.finditer(s)}
@@ -265,6 +280,9 @@ def runtime_modules(configs: Sequence[Any], package: str | os.PathLike) -> list[
         path = pkg / f"{mod}.py"
         if not path.is_file():
             raise FileNotFoundError(f"custom.{mod} is imported by the exported configs or code, but {path} is missing.")
+        tools = imported_tool_modules(path)
+        if tools:
+            raise ImportError(f"{path} ships in the bundle but imports {sorted(tools)}, which does not ship")
         seen.add(mod)
         todo |= _imported_custom_modules(path) - seen
     return ["__init__.py", *sorted(f"{m}.py" for m in seen)]
@@ -375,7 +393,7 @@ def write_large_files(bundle: str | os.PathLike, entries: Sequence[Mapping[str, 
     """Write ``<bundle>/large_files.yml`` in the zoo's format."""
     lines = [
         "# Files not committed to the MONAI model zoo: upload each one (export/upload/), put its address in `url`;",
-        "# the zoo downloads it to `path` and checks `hash_val`. Written by `python -m custom.export`.",
+        "# the zoo downloads it to `path` and checks `hash_val`. Written by `python -m tools.export`.",
         "large_files:",
     ]
     for e in entries:
@@ -789,7 +807,7 @@ def verify_bundle(
     export_root = Path(export).resolve()
     if not _is_export(export_root / "models" / name):
         raise FileNotFoundError(
-            f"{export_root / 'models' / name} is not an exported bundle; run python -m custom.export"
+            f"{export_root / 'models' / name} is not an exported bundle; run python -m tools.export"
         )
     schema = str(Path(schema or _ROOT / "tests" / "data" / "meta_schema_20240725.json").resolve())
     with tempfile.TemporaryDirectory() as scratch:
@@ -809,18 +827,18 @@ def verify_bundle(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m custom.export [--out ...]`` exports; ``python -m custom.export verify ...`` checks an export."""
+    """``python -m tools.export [--out ...]`` exports; ``python -m tools.export verify ...`` checks an export."""
     import fire
 
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args[:1] == ["verify"]:
-            fire.Fire(verify_bundle, command=args[1:], name="custom.export verify")
+            fire.Fire(verify_bundle, command=args[1:], name="tools.export verify")
         else:
-            fire.Fire(export_bundle, command=args, name="custom.export")
+            fire.Fire(export_bundle, command=args, name="tools.export")
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"custom.export: {e}", file=sys.stderr)
+        print(f"tools.export: {e}", file=sys.stderr)
         sys.exit(1)
 
 
