@@ -1,7 +1,7 @@
 """Why the phantom-trained demo weights fail on real CT: real example CTs beside phantoms (issue 16, part 2).
 
 Compares, per structure, HU distributions, volumes and positions of the real CTs in ``shared/data/real`` (labels:
-TotalSegmentator-derived, scheme ``custom.label_presets.PRESETS["real_ct"]``) with ``custom.phantom`` cases, and
+TotalSegmentator-derived, scheme ``custom.label_presets.PRESETS["real_ct"]``) with ``tools.phantom`` cases, and
 reads the C1 / stage-1 / final outputs of the README inference command on the real cases: which real structure the
 voxels of each predicted class belong to. Prints markdown tables and writes a JSON with every number.
 
@@ -25,7 +25,7 @@ import numpy as np
 from custom.label_presets import PRESETS, label_mapping
 from custom.labels import EXTENDED_LABELS, PAPER_LABELS
 from custom.metrics import dice_per_class
-from custom.phantom import generate_phantom
+from tools.phantom import generate_phantom
 
 REAL = PRESETS["real_ct"].labels  # id -> name
 #: real structure name -> phantom (extended) label name, where the phantom labels it
@@ -225,9 +225,9 @@ def main() -> None:
     cases = {d.name[:2]: d for d in sorted(a.real.iterdir()) if (d / "label_abdo.nii.gz").is_file()}
     real = {c: real_case(d) for c, d in cases.items() if c in ("01", "03")}
     ph = phantom_cases(a.n_phantoms)
-    from custom.phantom import _case_seeds
+    from tools.phantom.dataset import case_seeds as _case_seeds
 
-    # contrast phases of the demo's training phantoms (custom.demo: write_dataset(n_train=10, seed=0, preset="demo"))
+    # contrast phases of the demo's training phantoms (tools.demo: write_dataset(n_train=10, seed=0, preset="demo"))
     train_phases = [generate_phantom(s, preset="tiny").params["phase"] for s in _case_seeds(0, 14)[:10]]
     outs = {}
     for spec in a.outputs:
