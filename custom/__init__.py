@@ -1,9 +1,8 @@
 """Cascaded 3D FCN (Roth et al., CMIG 2018) for multi-organ segmentation of abdominal CT, as a MONAI bundle.
 
-One module per responsibility:
+The bundle's runtime (what the configs import and the zoo export ships), one module per responsibility:
 
 - ``labels``: label sets (the paper's seven structures by default) and name/id maps.
-- ``phantom``: realistic synthetic abdominal CT phantoms written in the Medical Segmentation Decathlon layout.
 - ``preview``: PNG previews (axial, coronal, sagittal) with label overlay.
 - ``network``: the valid-convolution 3D U-Net and its size arithmetic.
 - ``inferer``: exact, memory-bounded tiled inference for valid-convolution networks.
@@ -11,6 +10,9 @@ One module per responsibility:
 - ``loss``: class-weighted cross-entropy inside the candidate region (paper eq. 3-4), Dice + CE option.
 - ``augment`` / ``sampling``: patch sampling inside the candidate region, elastic + rigid augmentation on device.
 - ``data``: MSD dataset.json reading, pairing by case id, dataset verification.
+
+Tools that do not ship live in the repository's ``tools/``: the phantom generator (``tools.phantom``), the demo and
+the zoo export. No module here imports them.
 """
 
 __version__ = "0.1.0"

@@ -59,6 +59,8 @@ from typing import IO, Any
 import torch
 from ignite.engine import Engine, Events
 
+from custom.options import as_bool
+
 __all__ = [
     "NONFINITE_STATE_ATTR",
     "WEIGHT_KEYS",
@@ -712,7 +714,7 @@ class ResumeFromCheckpoint:
     ) -> None:
         self.load_path = Path(load_path)
         self.load_dict = _clean(load_dict, "ResumeFromCheckpoint")
-        self.resume = bool(resume)
+        self.resume = as_bool(resume, "resume")
         self.map_location = map_location
         self.strict = strict
         self.engine_key = engine_key

@@ -166,9 +166,7 @@ def write_report(output_dir: str, labels: Mapping[str, int] | None = None) -> Pa
     stages2 = [s for s in ("stage2_nol", "stage2") if s in tables]
     pvalues = {s: wilcoxon_vs_stage1(rows, organs, s) for s in stages2 if "stage1" in tables}
     md = ["# Evaluation", "", markdown_tables(tables, pvalues, organs)]
-    summary_rows = [
-        {"stage": s, "organ": o, **{k: v for k, v in t.items()}} for s, tab in tables.items() for o, t in tab.items()
-    ]
+    summary_rows = [{"stage": s, "organ": o, **dict(t)} for s, tab in tables.items() for o, t in tab.items()]
     _write(out / "dice_summary.csv", summary_rows)
     if (out / "c2_recall_fpr.csv").is_file():
         curve = c2_curve(_read_csv(out / "c2_recall_fpr.csv"))

@@ -46,6 +46,15 @@ logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 HU_AIR = -1024.0
+#: voxel spacing (mm) a human CT can have: below is a header in metres or a typo, above is a typo (200 mm slices)
+SPACING_RANGE_MM = (0.05, 20.0)
+#: largest physical extent (mm) along one axis: a whole-body CT is under 2 m
+MAX_EXTENT_MM = 2500.0
+#: how a user chooses one DICOM series, on the bundle command line and in Python
+SERIES_UID_ADVICE = (
+    "choose one with --datalist#series_uid <SeriesInstanceUID> on the bundle command line (series_uid= in Python), "
+    "or put each series in its own folder"
+)
 
 __all__ = [
     "InputError",
@@ -54,6 +63,12 @@ __all__ = [
     "CaseInput",
     "list_inputs",
     "nifti_case_id",
+    "safe_case_id",
+    "path_inside",
+    "affine_problems",
+    "nifti_header_problems",
+    "check_nifti_header",
+    "SERIES_UID_ADVICE",
     "is_dicom_file",
     "scan_dicom_series",
     "load_dicom_series",
@@ -80,9 +95,12 @@ class InputError(ValueError):
     """
 
     def __init__(self, path: str | os.PathLike | None, message: str):
+        super().__init__(path, message)  # all arguments: the error pickles (DataLoader workers) and copies intact
         self.path = None if path is None else str(path)
         self.message = message
-        super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path is not None else self.message
 
 
 def find_input_error(exc: BaseException | None) -> InputError | None:
@@ -158,24 +176,106 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    # hidden files (".DS_Store", macOS "._x.nii.gz" resource forks) and DICOMDIR indexes are never images
+def safe_case_id(case_id: Any, where: str | os.PathLike | None = None) -> str:
+    """``case_id`` if it is safe to build output file names from, else an :class:`InputError` naming ``where``.
+
+    Case ids name the outputs (``<output_dir>/<case_id>_seg.nii.gz``); one taken from a ``dataset.json`` must not
+    lead outside ``output_dir``: no path separator (``/`` or ``\\``), not ``.`` or ``..``, no NUL or control
+    character, not empty.
+
+    >>> safe_case_id("case_0001")
+    'case_0001'
+    >>> safe_case_id("../../etc/cron.d/x", "dataset.json")
+    Traceback (most recent call last):
+    ...
+    custom.io.InputError: dataset.json: case id '../../etc/cron.d/x' would write outside the output folder ...
+    """
+    if not isinstance(case_id, str) or not case_id.strip():
+        raise InputError(where, f"case id {case_id!r} is not a non-empty string")
+    bad = [c for c in ("/", "\\") if c in case_id]
+    if bad or case_id in (".", "..") or any(ord(c) < 32 for c in case_id):
+        why = f"contains {' and '.join(repr(c) for c in bad)}" if bad else "is not a file name"
+        raise InputError(
+            where,
+            f"case id {case_id!r} would write outside the output folder or is not a file name ({why}); "
+            "case ids name output files: use letters, digits, '_', '-', '.'",
+        )
+    return case_id
+
+
+def path_inside(folder: str | os.PathLike, name: str) -> Path:
+    """``folder / name``, refused (:class:`InputError`) unless it resolves inside ``folder`` (symlinks followed).
+
+    For every output path built from input data: ``path_inside(output_dir, f"{case_id}_seg.nii.gz")``.
+    """
+    base = Path(folder).expanduser()
+    target = base / name
+    root, resolved = base.resolve(), target.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise InputError(target, f"resolves to {resolved}, outside the output folder {root}")
+    return target
+
+
+def _is_broken_link(p: Path) -> bool:
+    return p.is_symlink() and not p.exists()
+
+
+def _visible_files(folder: Path, broken: bool = False) -> list[Path]:
+    # hidden files (".DS_Store", macOS "._x.nii.gz" resource forks) and DICOMDIR indexes are never images;
+    # with broken=True, broken symbolic links are listed too (they fail as cases instead of vanishing)
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+        p
+        for p in folder.iterdir()
+        if (p.is_file() or (broken and _is_broken_link(p)))
+        and not p.name.startswith(".")
+        and p.name.upper() != "DICOMDIR"
     )
 
 
-def list_inputs(path: str | os.PathLike, series_uid: str | None = None) -> list[CaseInput]:
+def _as_input_paths(path: Any) -> list[Path] | None:
+    """A list, a tuple, the text of a list (``"[a.nii.gz,b.nii.gz]"``) or a glob pattern as the paths it names;
+    ``None`` for one plain path."""
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise InputError(None, "--input is an empty list")
+        return [Path(str(x)).expanduser() for x in path]
+    text = str(path)
+    if text.startswith("[") and text.endswith("]") and not Path(text).expanduser().exists():
+        # fire passes --input [a.nii.gz,b.nii.gz] (no quotes inside) as this string, not as a list
+        items = [x.strip().strip("'\"") for x in text[1:-1].split(",")]
+        return _as_input_paths([x for x in items if x])
+    if any(c in text for c in "*?[") and not Path(text).expanduser().exists():
+        import glob
+
+        matches = sorted(glob.glob(os.path.expanduser(text)))
+        if not matches:
+            raise InputError(text, "the pattern matches no file (quote a pattern so that the shell does not expand it)")
+        return [Path(m) for m in matches]
+    return None
+
+
+def list_inputs(path: str | os.PathLike | Sequence[str], series_uid: str | None = None) -> list[CaseInput]:
     """List the cases behind a user path, checking that it is something the bundle can read.
 
     Accepted: a NIfTI file; a folder of NIfTI files (sorted by name); a DICOM series folder (files with the DICM magic,
-    any extension); a folder whose subfolders are DICOM series (one case each). A folder holding several DICOM series
-    is an error listing their SeriesInstanceUIDs unless ``series_uid`` chooses one.
+    any extension); a folder whose subfolders are DICOM series (one case each); a list of any of these, or a glob
+    pattern (``"scans/*.nii.gz"``, quoted), whose case ids must be unique. A folder holding several DICOM series is an
+    error listing their SeriesInstanceUIDs unless ``series_uid`` chooses one; in a folder of series folders, such a
+    folder (or an unreadable one) is listed as a case that fails when it is loaded, so that the other cases run.
+    Non-image DICOM objects (structured reports, dose reports, presentation states, ...) are skipped with a warning.
+    A broken symbolic link named like a NIfTI file is a case that fails on loading, not a file silently left out.
 
     >>> [c.case_id for c in list_inputs("scans/")]  # doctest: +SKIP
     ['case_0001', 'case_0002']
     """
-    p = Path(path).expanduser()
+    many = _as_input_paths(path)
+    if many is not None:
+        cases = [c for m in many for c in list_inputs(m, series_uid)]
+        _check_unique_ids(Path(str(path)) if not isinstance(path, (list, tuple)) else None, cases)
+        return cases
+    p = Path(str(path)).expanduser()
+    if _is_broken_link(p):
+        raise InputError(p, f"broken symbolic link (points to {os.readlink(p)}, which does not exist)")
     if not p.exists():
         raise InputError(p, "file not found")
     if p.is_file():
@@ -185,7 +285,7 @@ def list_inputs(path: str | os.PathLike, series_uid: str | None = None) -> list[
         if is_dicom_file(p):
             raise InputError(p, "a single DICOM file; pass the folder that holds the whole series")
         raise InputError(p, "not a NIfTI file (.nii or .nii.gz) or a DICOM series folder")
-    files = _visible_files(p)
+    files = _visible_files(p, broken=True)
     niftis = [f for f in files if nifti_case_id(f) is not None]
     dicoms = [f for f in files if f not in niftis and is_dicom_file(f)]
     if niftis and dicoms:
@@ -205,9 +305,16 @@ def list_inputs(path: str | os.PathLike, series_uid: str | None = None) -> list[
     for d in subdirs:
         sub = [f for f in _visible_files(d) if is_dicom_file(f)]
         if sub:
-            cases.append(_dicom_case(d, sub, series_uid))
-    if cases:
-        return cases
+            try:
+                cases.append(_dicom_case(d, sub, series_uid))
+            except _NoImageSlices as e:  # e.g. the dose report exported as a series of its own: not a case
+                _warn(d, f"not a case: {e.message}")
+            except InputError as e:  # one bad series folder fails as its own case (loading raises this again)
+                logger.warning("%s", e)
+                cases.append(CaseInput(d.name, "dicom", d, series_uid))
+    if cases:  # a broken link beside series folders was a series folder: a case that fails on loading
+        cases += [CaseInput(f.name, "dicom", f) for f in files if _is_broken_link(f)]
+        return sorted(cases, key=lambda c: c.case_id)
     if not files and not subdirs:
         raise InputError(p, "empty folder: no NIfTI files and no DICOM series")
     seen = ", ".join(f.name for f in files[:5]) + (", ..." if len(files) > 5 else "")
@@ -216,11 +323,12 @@ def list_inputs(path: str | os.PathLike, series_uid: str | None = None) -> list[
     )
 
 
-def _check_unique_ids(folder: Path, cases: Sequence[CaseInput]) -> None:
+def _check_unique_ids(folder: Path | None, cases: Sequence[CaseInput]) -> None:
     seen: dict[str, Path] = {}
     for c in cases:
         if c.case_id in seen:
-            raise InputError(folder, f"two files give case id {c.case_id!r}: {seen[c.case_id].name} and {c.path.name}")
+            a, b = (seen[c.case_id].name, c.path.name) if folder is not None else (seen[c.case_id], c.path)
+            raise InputError(folder, f"two files give case id {c.case_id!r}: {a} and {b}")
         seen[c.case_id] = c.path
 
 
@@ -237,8 +345,44 @@ def _dicom_case(folder: Path, files: Sequence[Path], series_uid: str | None) -> 
 _NO_UID = ""  # key for files without a SeriesInstanceUID (anonymised exports often blank it)
 
 
+#: Modalities of DICOM objects that are not slices of an image volume (reports, RT objects, annotations)
+NON_IMAGE_MODALITIES = frozenset({"SR", "KO", "PR", "RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "SEG", "DOC"})
+#: SOP Class UID prefixes of non-image objects: SR and key objects (88.), presentation states (11.), RT (481.),
+#: encapsulated documents (104.), raw data (66), secondary captures (7: screenshots such as dose reports)
+NON_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",
+    "1.2.840.10008.5.1.4.1.1.11.",
+    "1.2.840.10008.5.1.4.1.1.481.",
+    "1.2.840.10008.5.1.4.1.1.104.",
+    "1.2.840.10008.5.1.4.1.1.66",
+    "1.2.840.10008.5.1.4.1.1.7",
+)
+
+
+class _NoImageSlices(InputError):
+    """A DICOM folder that holds only non-image objects (a dose report exported as its own series)."""
+
+
+def _non_image_reason(ds: Any) -> str | None:
+    """Why a DICOM header is not a slice of an image volume, or ``None`` if it is one."""
+    modality = str(getattr(ds, "Modality", "") or "").upper()
+    sop = str(getattr(ds, "SOPClassUID", "") or "")
+    sop_name = getattr(getattr(ds, "SOPClassUID", None), "name", sop)
+    if modality in NON_IMAGE_MODALITIES:
+        return f"modality {modality} ({sop_name})"
+    if sop.startswith(NON_IMAGE_SOP_PREFIXES):
+        return f"{sop_name} (modality {modality or '?'})"
+    if "Rows" not in ds:
+        return f"no image (no Rows/Columns; {sop_name}, modality {modality or '?'})"
+    return None
+
+
 def scan_dicom_series(folder: str | os.PathLike, files: Sequence[Path] | None = None) -> dict[str, list[Path]]:
-    """Group the DICOM files of a folder by SeriesInstanceUID (headers only; ``""`` for files without one)."""
+    """Group the DICOM image files of a folder by SeriesInstanceUID (headers only; ``""`` for files without one).
+
+    Non-image objects (structured and dose reports, presentation states, key objects, RT dose/structures, secondary
+    captures, anything without Rows/Columns) are left out with an :class:`InputWarning` that names them.
+    """
     import pydicom
 
     folder = Path(folder)
@@ -247,12 +391,26 @@ def scan_dicom_series(folder: str | os.PathLike, files: Sequence[Path] | None = 
     if not files:
         raise InputError(folder, "no DICOM files (with the DICM magic) in this folder")
     groups: dict[str, list[Path]] = {}
+    skipped: list[str] = []
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            ds = pydicom.dcmread(
+                f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPClassUID", "Modality", "Rows"]
+            )
         except Exception as e:  # any parse error is a bad file
             raise InputError(f, f"unreadable DICOM file ({type(e).__name__}: {e})") from e
+        why = _non_image_reason(ds)
+        if why is not None:
+            skipped.append(f"{f.name}: {why}")
+            continue
         groups.setdefault(str(getattr(ds, "SeriesInstanceUID", "") or _NO_UID), []).append(f)
+    if skipped:
+        listed = "; ".join(skipped[:5]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 5 else "")
+        _warn(folder, f"skipped {len(skipped)} DICOM object(s) that are not image slices: {listed}")
+    if not groups:
+        raise _NoImageSlices(
+            folder, f"no DICOM image slices in this folder, only other objects: {'; '.join(skipped[:5])}"
+        )
     return groups
 
 
@@ -277,8 +435,7 @@ def _choose_series(folder: Path, series: Mapping[str, Sequence[Path]], series_ui
     if len(series) > 1:
         raise InputError(
             folder,
-            f"folder holds {len(series)} DICOM series; choose one with series_uid= or put each series in its own "
-            f"folder:\n{_describe_series(series)}",
+            f"folder holds {len(series)} DICOM series of images; {SERIES_UID_ADVICE}:\n{_describe_series(series)}",
         )
     return next(iter(series))
 
@@ -291,7 +448,10 @@ def _dicom_tag(ds: Any, name: str, f: Path) -> Any:
 
 
 def load_dicom_series(
-    folder: str | os.PathLike, series_uid: str | None = None, gap_tolerance: float = 1.5
+    folder: str | os.PathLike,
+    series_uid: str | None = None,
+    gap_tolerance: float = 1.5,
+    mixed_rescale: Literal["error", "per_slice"] = "error",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stack one DICOM series into a float32 HU volume and its RAS affine.
 
@@ -301,18 +461,80 @@ def load_dicom_series(
 
     Errors (:class:`InputError` naming the folder or file): several series without ``series_uid``; slices of different
     size, pixel spacing or orientation; two slices at one position; a gap between neighbouring slices larger than
-    ``gap_tolerance`` times the median spacing (missing slices); pixel data that cannot be decoded.
+    ``gap_tolerance`` times the median spacing (missing slices); pixel data that are missing, truncated or cannot be
+    decoded; a geometry no human CT has (:func:`affine_problems`); a broken symbolic link in the folder.
+
+    RescaleSlope/RescaleIntercept must be present on every slice or on none (then stored values are taken as HU)
+    and equal across the series: a slice without them would be read ~1024 HU too bright. Slices that disagree are an
+    error naming them; ``mixed_rescale="per_slice"`` applies each slice's own values instead (what the DICOM
+    standard allows), with a warning.
 
     >>> vol, affine = load_dicom_series("patient1/CT_series")  # doctest: +SKIP
     >>> vol.shape, affine[:3, :3].diagonal()  # doctest: +SKIP
     ((512, 512, 20), array([-0.977, -0.977,  2.]))
     """
-    vol, affine, _ = _read_dicom_series(Path(folder), series_uid, gap_tolerance)
+    vol, affine, _ = _read_dicom_series(Path(folder), series_uid, gap_tolerance, mixed_rescale)
     return vol, affine
 
 
+def _rescale_of(headers: Sequence[Any], files: Sequence[Path], folder: Path, mixed: str) -> list[tuple[float, float]]:
+    """(slope, intercept) per slice, checked for slices without them and for values that differ across the series."""
+    if mixed not in ("error", "per_slice"):
+        raise ValueError(f"mixed_rescale must be 'error' or 'per_slice', got {mixed!r}")
+    has = ["RescaleSlope" in ds or "RescaleIntercept" in ds for ds in headers]
+    if any(has) and not all(has):
+        without = [f.name for f, h in zip(files, has, strict=True) if not h]
+        raise InputError(
+            folder,
+            f"RescaleSlope/RescaleIntercept missing on {len(without)} of {len(files)} slices "
+            f"({', '.join(without[:10])}{', ...' if len(without) > 10 else ''}): those slices cannot be put in "
+            "Hounsfield units (they would be ~1024 HU too bright); re-export the series or convert it to NIfTI",
+        )
+    values = [
+        (float(getattr(ds, "RescaleSlope", 1.0) or 1.0), float(getattr(ds, "RescaleIntercept", 0.0) or 0.0))
+        for ds in headers
+    ]
+    distinct = sorted(set(values))
+    if len(distinct) > 1:
+        ref = max(distinct, key=values.count)
+        odd = [f"{f.name} {v}" for f, v in zip(files, values, strict=True) if v != ref]
+        detail = (
+            f"{len(odd)} of {len(files)} slices differ from (slope, intercept) = {ref} of the others: "
+            f"{', '.join(odd[:10])}{', ...' if len(odd) > 10 else ''}"
+        )
+        if mixed == "error":
+            raise InputError(
+                folder,
+                f"RescaleSlope/RescaleIntercept differ across the series: {detail}. Pass mixed_rescale='per_slice' "
+                "to apply each slice's own values (as the DICOM standard allows), or re-export the series",
+            )
+        _warn(folder, f"RescaleSlope/RescaleIntercept differ across the series, each slice's own applied: {detail}")
+    return values
+
+
+def _pixel_problem(ds: Any) -> str | None:
+    """Why the pixel data of an uncompressed slice cannot be right (missing or short), before decoding."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return "no pixel data: a DICOM object without an image (a report, or a header-only export)"
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None and getattr(ts, "is_compressed", False):
+        return None
+    try:
+        expected = int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        expected *= int(getattr(ds, "NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8
+        got = len(ds.PixelData) if "PixelData" in ds else expected
+    except Exception:
+        return None
+    if got < expected:
+        return (
+            f"truncated: the pixel data hold {got} bytes, {int(ds.Rows)}x{int(ds.Columns)} pixels of "
+            f"{int(ds.BitsAllocated)} bits need {expected} (an interrupted copy or download?)"
+        )
+    return None
+
+
 def _read_dicom_series(
-    folder: Path, series_uid: str | None, gap_tolerance: float
+    folder: Path, series_uid: str | None, gap_tolerance: float, mixed_rescale: str = "error"
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     import pydicom
 
@@ -320,6 +542,13 @@ def _read_dicom_series(
         raise InputError(folder, "file not found")
     if not folder.is_dir():
         raise InputError(folder, "not a folder: a DICOM series is read from the folder that holds its files")
+    broken = [f for f in _visible_files(folder, broken=True) if _is_broken_link(f)]
+    if broken:
+        raise InputError(
+            folder,
+            f"{len(broken)} broken symbolic link(s) in the series folder ({', '.join(f.name for f in broken[:5])}): "
+            "their slices would be missing",
+        )
     series = scan_dicom_series(folder)
     uid = _choose_series(folder, series, series_uid)
     files = series[uid]
@@ -403,21 +632,27 @@ def _read_dicom_series(
             folder, f"slices are sheared ({shear:.2f} mm in-plane shift per slice: gantry tilt?); the affine keeps it"
         )
 
+    rescale = _rescale_of(headers, files, folder, mixed_rescale)
     volume = np.empty((size[1], size[0], len(files)), dtype=np.float32)
     for k, i in enumerate(order):
         ds, f = headers[i], files[i]
+        problem = _pixel_problem(ds)
+        if problem is not None:
+            raise InputError(f, problem)
         try:
             pixels = ds.pixel_array
         except Exception as e:
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
             ts_name = getattr(ts, "name", ts)
+            advice = (
+                "Compressed DICOM needs a decoder plugin (pylibjpeg, pillow with openjpeg, or gdcm)"
+                if getattr(ts, "is_compressed", False)
+                else "The file is uncompressed, so no plugin helps: the file is damaged; re-export or copy it again"
+            )
             raise InputError(
-                f,
-                f"cannot decode the pixel data (transfer syntax {ts_name}): {type(e).__name__}: {e}. "
-                "Compressed DICOM needs a decoder plugin (pylibjpeg, pillow with openjpeg, or gdcm)",
+                f, f"cannot decode the pixel data (transfer syntax {ts_name}): {type(e).__name__}: {e}. {advice}"
             ) from e
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        slope, intercept = rescale[i]
         volume[:, :, k] = (pixels.astype(np.float32) * slope + intercept).T
 
     # DICOM: pixel (row r, column c) of a slice sits at position + c * dc * row_dir + r * dr * col_dir (LPS)
@@ -427,6 +662,9 @@ def _read_dicom_series(
     affine[:3, 2] = step_vec
     affine[:3, 3] = first
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS
+    problems = affine_problems(affine, volume.shape, "the DICOM geometry")
+    if problems:
+        raise InputError(folder, "; ".join(problems))
     modality = str(getattr(ref, "Modality", "") or "")
     if modality and modality != "CT":
         _warn(folder, f"the DICOM series is modality {modality}, not CT")
@@ -437,6 +675,82 @@ def _read_dicom_series(
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading with clear errors
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def affine_problems(affine: Any, shape: Sequence[int], what: str = "the affine") -> list[str]:
+    """What is impossible about a voxel-to-world ``affine`` for a human CT of ``shape``; empty if nothing.
+
+    Refused: non-finite entries, a singular (or nearly singular) 3x3 part, a voxel spacing outside
+    :data:`SPACING_RANGE_MM`, a physical extent above :data:`MAX_EXTENT_MM` along an axis. MONAI's ``NibabelReader``
+    replaces a singular or non-finite affine by one built from the voxel sizes without a word, and a 200 mm slice
+    spacing typo would resample a 400-slice CT to ~50,000 slices: these are checked before MONAI sees the file.
+
+    >>> affine_problems(np.diag([0.8, 0.8, 200.0, 1.0]), (512, 512, 100))[0]
+    'the affine: voxel spacing [0.8, 0.8, 200] mm: 200 mm along axis 2 is outside (0.05, 20] mm for a CT'
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    shown = np.array2string(a[:3] if a.shape == (4, 4) else a, precision=4, separator=", ").replace("\n", "")
+    if a.shape != (4, 4):
+        return [f"{what}: expected a 4x4 matrix, got shape {a.shape}"]
+    if not np.all(np.isfinite(a)):
+        return [f"{what} has NaN or infinite entries: {shown}"]
+    sv = np.linalg.svd(a[:3, :3], compute_uv=False)
+    if sv.min() <= 1e-6 * max(sv.max(), 1e-12):
+        return [f"{what} is singular (an axis of zero length, or two axes along one direction): {shown}"]
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    problems = []
+    lo, hi = SPACING_RANGE_MM
+    off = [(i, float(v)) for i, v in enumerate(spacing) if not lo < v <= hi]
+    if off:
+        axes = ", ".join(f"{v:g} mm along axis {i}" for i, v in off)
+        problems.append(
+            f"{what}: voxel spacing {[float(f'{v:.4g}') for v in spacing]} mm: {axes} is outside "
+            f"({lo:g}, {hi:g}] mm for a CT"
+        )
+    extent = spacing * np.asarray((list(shape)[:3] + [1, 1, 1])[:3], dtype=np.float64)  # a 2D image: 1 slice
+    far = [(i, float(v)) for i, v in enumerate(extent) if v > MAX_EXTENT_MM]
+    if far:
+        axes = ", ".join(f"{v:.0f} mm along axis {i}" for i, v in far)
+        problems.append(
+            f"{what}: physical extent {[round(float(v)) for v in extent]} mm ({axes}) is larger than any human body "
+            f"(limit {MAX_EXTENT_MM:g} mm): a wrong voxel size in the header?"
+        )
+    return problems
+
+
+def nifti_header_problems(img: Any) -> list[str]:
+    """Problems of a NIfTI image as nibabel reads it (header only): colour data, and :func:`affine_problems` of the
+    affine nibabel picks (the sform if its code is set, else the qform, else the voxel sizes)."""
+    hdr = img.header
+    problems = []
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or int(hdr.get("datatype", 0)) in (128, 2304):
+        kind = {128: "RGB24", 2304: "RGBA32"}.get(int(hdr.get("datatype", 0)), str(dtype))
+        problems.append(
+            f"an RGB colour image (NIfTI datatype {kind}): a screenshot, a rendered overlay or a photograph, not a CT "
+            "volume; convert the scan itself (grey values in HU)"
+        )
+    codes = (int(hdr["sform_code"]), int(hdr["qform_code"])) if "sform_code" in hdr else (0, 0)
+    which = "the sform" if codes[0] else "the qform" if codes[1] else "the voxel sizes (pixdim; no sform or qform)"
+    try:
+        affine = img.affine
+    except Exception as e:
+        return problems + [f"{which} cannot be read ({type(e).__name__}: {e})"]
+    problems += affine_problems(affine, img.shape, f"{which} (the voxel-to-world affine)")
+    return problems
+
+
+def check_nifti_header(path: str | os.PathLike) -> Any:
+    """Read a NIfTI header with nibabel and raise :class:`InputError` naming ``path`` on any
+    :func:`nifti_header_problems`; returns the (lazy) nibabel image."""
+    try:
+        img = nib.load(path)
+    except Exception as e:
+        raise InputError(path, describe_read_error(e, path)) from e
+    problems = nifti_header_problems(img)
+    if problems:
+        raise InputError(path, "; ".join(problems))
+    return img
 
 
 def describe_read_error(exc: BaseException, path: str | os.PathLike | None = None) -> str:
@@ -480,6 +794,8 @@ def _diagnose_headerless(path: str | os.PathLike | None) -> str | None:
         return "truncated gzip: the compressed data end before the image does (interrupted download or copy?)"
     except (OSError, zlib.error) as e:
         return f"corrupt gzip data ({e})"
+    if head[:2] == b"\x1f\x8b":
+        return "a gzip-compressed file named .nii: rename it to .nii.gz"
     # a NIfTI file starts with sizeof_hdr = 348 (NIfTI-1) or 540 (NIfTI-2), little- or big-endian
     for size in (348, 540):
         if head[:4] in (size.to_bytes(4, "little"), size.to_bytes(4, "big")) and len(head) < size:
@@ -501,23 +817,28 @@ def load_image_checked(
     series_uid: str | None = None,
     ensure_channel_first: bool = True,
     dtype: Any = np.float32,
+    mixed_rescale: Literal["error", "per_slice"] = "error",
 ) -> MetaTensor:
     """Load a NIfTI file or a DICOM series folder as a MetaTensor, re-raising any read error as :class:`InputError`.
 
     NIfTI goes through MONAI's ``NibabelReader``, so the metadata (affine, ``original_affine``, ``spatial_shape``,
     ``filename_or_obj``) is what ``LoadImaged`` gives and ``Invertd``/``SaveImaged`` work unchanged. The voxel data are
     read here, so a truncated file fails now, naming the file, and not in a worker process later. A NIfTI whose
-    qform and sform codes are both 0 (no orientation stored) loads with a warning.
+    qform and sform codes are both 0 (no orientation stored) loads with a warning. The header is checked with
+    :func:`check_nifti_header` first (colour images, singular or non-finite affines, implausible voxel sizes), because
+    MONAI would silently replace a broken affine. ``mixed_rescale`` is passed to :func:`load_dicom_series`.
 
     >>> img = load_image_checked("ct.nii.gz")  # doctest: +SKIP
     >>> img.shape  # channel first  # doctest: +SKIP
     torch.Size([1, 512, 512, 200])
     """
     p = Path(path).expanduser()
+    if _is_broken_link(p):
+        raise InputError(p, f"broken symbolic link (points to {os.readlink(p)}, which does not exist)")
     if not p.exists():
         raise InputError(p, "file not found")
     if p.is_dir():
-        vol, affine, info = _read_dicom_series(p, series_uid, gap_tolerance=1.5)
+        vol, affine, info = _read_dicom_series(p, series_uid, gap_tolerance=1.5, mixed_rescale=mixed_rescale)
         meta = {
             "filename_or_obj": str(p),
             "affine": torch.as_tensor(affine, dtype=torch.float64),
@@ -532,6 +853,7 @@ def load_image_checked(
         return EnsureChannelFirst()(img) if ensure_channel_first else img
     if nifti_case_id(p) is None:
         raise InputError(p, "not a NIfTI file (.nii or .nii.gz) or a DICOM series folder")
+    check_nifti_header(p)
     try:
         img = _nifti_loader(ensure_channel_first, dtype)(p, NibabelReader())
     except Exception as e:  # every failure becomes one clear message
@@ -544,17 +866,28 @@ def load_image_checked(
 class CheckedLoadImage(Transform):
     """Array form of :func:`load_image_checked` (path in, channel-first MetaTensor out)."""
 
-    def __init__(self, ensure_channel_first: bool = True, series_uid: str | None = None, dtype: Any = np.float32):
+    def __init__(
+        self,
+        ensure_channel_first: bool = True,
+        series_uid: str | None = None,
+        dtype: Any = np.float32,
+        mixed_rescale: Literal["error", "per_slice"] = "error",
+    ):
         self.ensure_channel_first = ensure_channel_first
         self.series_uid = series_uid
         self.dtype = dtype
+        self.mixed_rescale = mixed_rescale
 
-    def __call__(self, path: str | os.PathLike) -> MetaTensor:
-        return load_image_checked(path, self.series_uid, self.ensure_channel_first, self.dtype)
+    def __call__(self, path: str | os.PathLike, series_uid: str | None = None) -> MetaTensor:
+        uid = series_uid if series_uid is not None else self.series_uid
+        return load_image_checked(path, uid, self.ensure_channel_first, self.dtype, self.mixed_rescale)
 
 
 class CheckedLoadImaged(MapTransform):
     """Drop-in for ``LoadImaged`` + ``EnsureChannelFirstd`` that reads NIfTI and DICOM folders with clear errors.
+
+    A DICOM case's ``series_uid`` item (set by :func:`custom.workflow.inference_datalist` when the user chose a
+    series) selects the series of that case; ``series_uid`` here applies to every case without one.
 
     Config use::
 
@@ -568,14 +901,15 @@ class CheckedLoadImaged(MapTransform):
         series_uid: str | None = None,
         dtype: Any = np.float32,
         allow_missing_keys: bool = False,
+        mixed_rescale: Literal["error", "per_slice"] = "error",
     ):
         super().__init__(keys, allow_missing_keys)
-        self.loader = CheckedLoadImage(ensure_channel_first, series_uid, dtype)
+        self.loader = CheckedLoadImage(ensure_channel_first, series_uid, dtype, mixed_rescale)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.loader(d[key])
+            d[key] = self.loader(d[key], d.get("series_uid") if key == "image" else None)
         return d
 
 

@@ -14,11 +14,22 @@ Normalisation: eq. 4 divides the weighted sum by N, all voxels. ``reduction="mea
 of the batch instead (MONAI / PyTorch ``ignore_index`` convention), so the scale of the loss does not depend on how
 much of a patch lies outside the region; ``denominator="all"`` gives the paper's N. Note that PyTorch's
 ``cross_entropy(weight=...)`` divides by the sum of the weights instead: none of the two equals it.
+
+Absent classes (``absent_classes``): a structure the training dataset does not label (AMOS has no portal vein; see
+``custom.label_presets``) hides in that dataset's background, so a background voxel there means "background or an
+absent structure". The losses use the marginal likelihood of that statement (the "marginal loss" of partially
+labelled multi-organ segmentation, Shi et al., MedIA 2021; Fang & Yan, IEEE TMI 2020): the cross-entropy of a
+background voxel is ``-log(p_0 + sum_a p_a)`` over the absent classes a, and the Dice term scores the merged
+channel ``p_0 + sum_a p_a`` against the background and leaves the absent channels out. No voxel pushes an absent
+class down merely for lying in the dataset's background, and nothing pushes it up either: what the network predicts
+there comes from the other data it is trained or pre-trained on. (nnU-Net's ignore label does not fit: it needs the
+unknown voxels marked, and here they are not known.) Voxels of a labelled structure still push every other class,
+absent ones included, down. A label map that contains an absent class id is an error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +49,7 @@ __all__ = [
     "ClassWeightsDict",
     "CandidateWeightedCELoss",
     "CandidateDiceCELoss",
+    "merge_absent_logits",
 ]
 
 #: Label value of voxels outside the candidate region; the losses skip them.
@@ -80,6 +92,37 @@ def _class_counts(tgt: torch.Tensor, valid: torch.Tensor, k: int, use_bincount: 
         return torch.bincount((tgt + offset)[valid], minlength=b * k).view(b, k)
     flat, vflat = tgt.reshape(b, -1), valid.reshape(b, -1)
     return torch.stack([((flat == c) & vflat).sum(1) for c in range(k)], 1)
+
+
+def _check_absent(absent_classes, k: int) -> tuple[int, ...]:
+    out = tuple(sorted({int(a) for a in (absent_classes or ())}))
+    bad = [a for a in out if not 0 < a < k]
+    if bad:
+        raise ValueError(f"absent_classes {bad} must be foreground class ids in 1..{k - 1} (K = {k})")
+    if len(out) >= k - 1:
+        raise ValueError(f"absent_classes {list(out)} leave no labelled foreground class (K = {k})")
+    return out
+
+
+def _check_not_absent(tgt: torch.Tensor, valid: torch.Tensor, absent: tuple[int, ...]) -> None:
+    for a in absent:
+        if bool(((tgt == a) & valid).any()):
+            raise ValueError(
+                f"label value {a} is marked absent (absent_classes {list(absent)}) but occurs in the label map: "
+                "a class cannot be both labelled and unlabelled"
+            )
+
+
+def merge_absent_logits(logits: torch.Tensor, absent: tuple[int, ...]) -> tuple[torch.Tensor, list[int]]:
+    """Logits (B, K', ...) of the classes that remain when the absent classes are merged into background.
+
+    Channel 0 becomes ``logsumexp`` of background and absent logits (so its softmax is ``p_0 + sum_a p_a``); the
+    other channels are the labelled classes in order, returned as the list of their original ids.
+    """
+    k = logits.shape[1]
+    keep = [c for c in range(1, k) if c not in absent]
+    bg = torch.logsumexp(logits[:, [0, *absent]], dim=1, keepdim=True)
+    return torch.cat([bg, logits[:, keep]], dim=1), keep
 
 
 def _lambdas(counts: torch.Tensor) -> torch.Tensor:
@@ -182,7 +225,9 @@ class CandidateWeightedCELoss(_Loss):
 
     A class absent from the region gets lambda = 1/(K-1) but has no voxels, so it adds nothing; a batch without any
     candidate voxel gives 0 (with a gradient of zeros, not NaN). ``include_background=False`` sets lambda_0 = 0
-    (background voxels still count in the denominator). The loss is computed in float32 (safe under autocast).
+    (background voxels still count in the denominator). ``absent_classes``: class ids the dataset does not label;
+    background voxels then score ``-log(p_0 + sum_a p_a)`` (see the module docstring). The loss is computed in float32
+    (safe under autocast).
 
     >>> loss = CandidateWeightedCELoss(num_classes=3)
     >>> logits = torch.zeros(1, 3, 2, 2, 1, requires_grad=True)
@@ -199,6 +244,7 @@ class CandidateWeightedCELoss(_Loss):
         reduction: str = "mean",
         denominator: str = "candidate",
         weights_key: str = "class_weights",
+        absent_classes: Sequence[int] | None = None,
     ):
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -213,6 +259,7 @@ class CandidateWeightedCELoss(_Loss):
         self.include_background = include_background
         self.denominator = denominator
         self.weights_key = weights_key
+        self.absent_classes = _check_absent(absent_classes, self.num_classes)
 
     def prepare_target(self, input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, *spatial) int64 target and its candidate mask, after checking shapes and values against ``input``."""
@@ -235,6 +282,7 @@ class CandidateWeightedCELoss(_Loss):
         tgt = tgt.to(device=input.device, dtype=torch.int64)
         valid = tgt != self.ignore_index
         _check_labels(tgt, valid, self.num_classes, self.ignore_index)
+        _check_not_absent(tgt, valid, self.absent_classes)
         return tgt, valid
 
     def weights(
@@ -284,7 +332,13 @@ class CandidateWeightedCELoss(_Loss):
     def _loss(self, logits, tgt, valid, target, class_weights) -> torch.Tensor:
         lam = self.weights(tgt, valid, target, class_weights)
         safe = torch.where(valid, tgt, torch.zeros_like(tgt))
-        ce = F.cross_entropy(logits, safe, reduction="none")  # (B, *spatial)
+        if self.absent_classes:  # marginal CE: a background voxel is "background or an absent class"
+            lse = torch.logsumexp(logits, dim=1)
+            picked = torch.gather(logits, 1, safe.unsqueeze(1)).squeeze(1)
+            merged_bg = torch.logsumexp(logits[:, [0, *self.absent_classes]], dim=1)
+            ce = lse - torch.where(safe == 0, merged_bg, picked)
+        else:
+            ce = F.cross_entropy(logits, safe, reduction="none")  # (B, *spatial)
         w = torch.gather(lam, 1, safe.flatten(1)).view_as(safe) * valid
         voxel = ce * w
         if self.reduction == "none":
@@ -303,7 +357,9 @@ class CandidateDiceCELoss(_Loss):
     ``ignore_index``, which zeroes ignored voxels in both prediction and one-hot target, so they leave numerator and
     denominator alike. A class absent from both prediction and target of a sample gives (smooth_nr) / (smooth_dr +
     small), finite; with ``batch=True`` the Dice sums over the batch first (fewer absent-class terms).
-    ``include_background`` applies to the Dice term only (as in MONAI's ``DiceCELoss``).
+    ``include_background`` applies to the Dice term only (as in MONAI's ``DiceCELoss``). With ``absent_classes`` the
+    Dice term scores the merged background ``p_0 + sum_a p_a`` and the labelled classes only, and the CE term is the
+    marginal CE (module docstring).
 
     >>> loss = CandidateDiceCELoss(num_classes=2)
     >>> torch.isfinite(loss(torch.zeros(1, 2, 4, 4, 4), torch.full((1, 1, 4, 4, 4), 255))).item()
@@ -323,11 +379,25 @@ class CandidateDiceCELoss(_Loss):
         batch: bool = False,
         squared_pred: bool = False,
         weights_key: str = "class_weights",
+        absent_classes: Sequence[int] | None = None,
     ):
         super().__init__()
         if lambda_dice < 0 or lambda_ce < 0:
             raise ValueError(f"lambda_dice and lambda_ce must be >= 0, got {lambda_dice}, {lambda_ce}")
-        self.ce = CandidateWeightedCELoss(num_classes, weighting, ignore_index, weights_key=weights_key)
+        self.ce = CandidateWeightedCELoss(
+            num_classes, weighting, ignore_index, weights_key=weights_key, absent_classes=absent_classes
+        )
+        self.absent_classes = self.ce.absent_classes
+        # with absent classes: Dice over the merged background and the labelled classes (probabilities given)
+        self.dice_merged = DiceLoss(
+            include_background=include_background,
+            to_onehot_y=False,
+            softmax=False,
+            squared_pred=squared_pred,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+        )
         self.dice = DiceLoss(
             include_background=include_background,
             to_onehot_y=True,
@@ -347,7 +417,16 @@ class CandidateDiceCELoss(_Loss):
         logits = _plain(input).float()
         tgt, valid = self.ce.prepare_target(logits, target)  # checks shapes and values once for both terms
         ce = self.ce._loss(logits, tgt, valid, target, class_weights)
-        dice = self.dice(logits, tgt.unsqueeze(1))
+        if self.absent_classes:
+            merged, keep = merge_absent_logits(logits, self.absent_classes)
+            index = torch.zeros(self.ce.num_classes, dtype=torch.int64, device=tgt.device)
+            index[keep] = torch.arange(1, len(keep) + 1, device=tgt.device)
+            safe = torch.where(valid, tgt, torch.zeros_like(tgt))
+            onehot = F.one_hot(index[safe], len(keep) + 1).movedim(-1, 1).to(merged.dtype)
+            mask = valid.unsqueeze(1).to(merged.dtype)  # ignored voxels leave prediction and target alike
+            dice = self.dice_merged(torch.softmax(merged, 1) * mask, onehot * mask)
+        else:
+            dice = self.dice(logits, tgt.unsqueeze(1))
         return self.lambda_ce * ce + self.lambda_dice * dice
 
 

@@ -2,6 +2,12 @@
 
 Conventions (as MONAI's ``DiceMetric(ignore_empty=True)``): the Dice of a class absent from the ground truth is NaN,
 and summaries average with ``nanmean``; the case is reported as "absent" for that organ rather than scored 0 or 1.
+
+A structure the dataset does not label at all (``absent``, from ``custom.label_presets``: AMOS has no portal vein)
+is unlabelled, not background: whatever the network predicts there cannot be scored, so its Dice is NaN in every
+case and it leaves the mean. After ``source_labels`` mapping such a class never occurs in the ground truth, so the
+NaN rule above already gives this; ``absent`` makes it explicit (and holds even if the prediction has the class).
+Predicting an absent class does not lower the Dice of the labelled classes, except where it overlaps them.
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ import numpy as np
 from scipy import ndimage
 
 
-def dice_per_class(pred: np.ndarray, gt: np.ndarray, labels: Mapping[str, int]) -> dict[str, float]:
-    """Dice of each named class between two integer label maps of the same shape; NaN where ``gt`` lacks the class.
+def dice_per_class(
+    pred: np.ndarray, gt: np.ndarray, labels: Mapping[str, int], absent: Sequence[str] = ()
+) -> dict[str, float]:
+    """Dice of each named class between two integer label maps of the same shape; NaN where ``gt`` lacks the class
+    or where the class is ``absent`` (not labelled in the dataset).
 
     >>> dice_per_class(np.array([1, 1, 0, 2]), np.array([1, 0, 0, 2]), {"a": 1, "b": 2, "c": 3})
     {'a': 0.6666666666666666, 'b': 1.0, 'c': nan}
@@ -22,6 +31,9 @@ def dice_per_class(pred: np.ndarray, gt: np.ndarray, labels: Mapping[str, int]) 
     gt = np.asarray(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {gt.shape}")
+    unknown = sorted(set(absent) - set(labels))
+    if unknown:
+        raise ValueError(f"absent structure(s) {unknown} are not in the label set {sorted(labels)}")
     n = int(max(pred.max(initial=0), gt.max(initial=0), *labels.values())) + 1
     # one joint histogram instead of K passes over the volume
     joint = np.bincount(gt.astype(np.int64).ravel() * n + pred.astype(np.int64).ravel(), minlength=n * n)
@@ -29,7 +41,7 @@ def dice_per_class(pred: np.ndarray, gt: np.ndarray, labels: Mapping[str, int]) 
     out = {}
     for name, k in labels.items():
         g, p, tp = joint[k, :].sum(), joint[:, k].sum(), joint[k, k]
-        out[name] = float("nan") if g == 0 else float(2.0 * tp / (g + p))
+        out[name] = float("nan") if g == 0 or name in absent else float(2.0 * tp / (g + p))
     return out
 
 
@@ -38,7 +50,7 @@ def candidate_recall_fpr(
     gt: np.ndarray,
     body: np.ndarray | None,
     labels: Mapping[str, int],
-    radii: Sequence[int] = tuple(range(7)),
+    radii: Sequence[int] = (0, 1, 2, 3, 4, 5, 6),
 ) -> list[dict]:
     """Recall and false-positive rate of the dilated stage-1 prediction, per organ and radius (the paper's Fig. 6).
 

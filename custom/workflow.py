@@ -107,17 +107,20 @@ def per_class_names(labels: dict[str, int]) -> Sequence[str]:
     return [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
 
 
-def inference_datalist(path: str, split: str = "test") -> list[dict]:
-    """Cases to segment: a NIfTI file, a folder of NIfTI files, a DICOM series folder, or an MSD ``dataset.json``
-    (then the ``split`` list, ``test`` by default, with its labels for evaluation). Each dict has ``image`` and
-    ``case_id`` (and ``label`` from a dataset.json)."""
+def inference_datalist(path: str, split: str = "test", series_uid: str | None = None) -> list[dict]:
+    """Cases to segment: a NIfTI file, a folder of NIfTI files, a DICOM series folder, a list or a quoted glob
+    pattern of these, or an MSD ``dataset.json`` (then the ``split`` list, ``test`` by default, with its labels for
+    evaluation). Each dict has ``image`` and ``case_id`` (and ``label`` from a dataset.json); ``series_uid`` chooses
+    the series of a DICOM folder that holds several (``--datalist#series_uid <UID>`` on the bundle command line)."""
     from custom.io import list_inputs
 
-    if str(path).endswith(".json"):
+    if isinstance(path, (str, Path)) and str(path).endswith(".json"):
         if split == "test":
             return load_datalist(path, key="test")
         return datalist(path, split=split)
-    return [{"image": str(c.path), "case_id": c.case_id} for c in list_inputs(path)]
+    cases = list_inputs(path, series_uid=series_uid)
+    return [{"image": str(c.path), "case_id": c.case_id, **({"series_uid": c.series_uid} if c.series_uid else {})}
+            for c in cases]  # fmt: skip
 
 
 class SeededSampler(torch.utils.data.Sampler):

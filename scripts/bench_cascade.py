@@ -1,6 +1,6 @@
 """End-to-end speed and memory benchmark of the cascade (issue 7): one command, CPU or CUDA, markdown + JSON.
 
-What it measures, on a synthetic full-size CT (``custom.phantom``, written to NIfTI first, then read back like any
+What it measures, on a synthetic full-size CT (``tools.phantom``, written to NIfTI first, then read back like any
 input), with random Kaiming-initialised networks at the paper's widths (the same weights for every variant):
 
 - **cascade**: one case through ``inference.json``'s evaluator (``CascadeEvaluator.run``: the bundle workflow, with
@@ -168,7 +168,7 @@ def write_phantom(folder: Path, seed: int, preset: str, **kw) -> dict:
     import hashlib
 
     from custom.io import write_nifti_safely
-    from custom.phantom import GENERATOR_VERSION, generate_phantom
+    from tools.phantom import GENERATOR_VERSION, generate_phantom
 
     key = json.dumps({"seed": seed, "preset": preset, "v": GENERATOR_VERSION, **kw}, sort_keys=True, default=str)
     name = f"ct_{preset}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"

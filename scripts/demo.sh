@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main command: sets up .venv (idempotent), then runs the demo on the embedded default.
-# Arguments go to `python -m custom.demo` (see `bash scripts/demo.sh --help`).
+# Arguments go to `python -m tools.demo` (see `bash scripts/demo.sh --help`).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
-exec .venv/bin/python -m custom.demo "$@"
+exec .venv/bin/python -m tools.demo "$@"

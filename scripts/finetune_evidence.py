@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from custom.evaluate import _read_csv, wilcoxon_vs_stage1  # noqa: E402
 from custom.labels import EXTENDED_LABELS  # noqa: E402
-from custom.phantom import write_dataset  # noqa: E402
+from tools.phantom import write_dataset  # noqa: E402
 
 CONFIGS = ROOT / "bundle" / "configs"
 ARMS = ("finetuned", "scratch")

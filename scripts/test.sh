@@ -6,6 +6,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
 py=.venv/bin/python
-$py -m ruff format --check custom tests scripts
-$py -m ruff check custom tests scripts
-$py -m pytest -q -p no:cacheprovider "$@"
+$py -m ruff format --check custom tools tests scripts
+$py -m ruff check custom tools tests scripts
+$py -m pytest -q -p no:cacheprovider --durations=15 "$@"

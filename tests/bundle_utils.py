@@ -30,7 +30,7 @@ def config_files(*names: str) -> list[str]:
 
 
 def write_tiny_dataset(folder: Path, n_train: int = 3, n_test: int = 1, seed: int = 0, **kw) -> Path:
-    from custom.phantom import write_dataset
+    from tools.phantom import write_dataset
 
     return Path(write_dataset(folder, n_train=n_train, n_test=n_test, seed=seed, preset="tiny", **kw))
 

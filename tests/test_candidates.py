@@ -386,7 +386,7 @@ class TestMaskLabel:
 
 @parameterized.expand([(0,), (3,)])
 def test_phantom_body_mask(seed):
-    phantom = pytest.importorskip("custom.phantom")
+    phantom = pytest.importorskip("tools.phantom")
     ph = phantom.generate_phantom(seed, labels="paper", preset="tiny")
     image = MetaTensor(torch.from_numpy(ph.image.astype(np.float32))[None], affine=torch.as_tensor(ph.affine))
     c1 = BodyMask()(image)[0].numpy().astype(bool)  # 2 mm opening: none at the tiny phantoms' ~6 mm voxels

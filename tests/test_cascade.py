@@ -13,7 +13,7 @@ import torch
 from bundle_utils import ROOT, TINY, bundle_cli, write_tiny_dataset
 
 from custom.network import ValidUNet3D
-from custom.phantom import generate_phantom
+from tools.phantom import generate_phantom
 
 
 @pytest.fixture(scope="module")

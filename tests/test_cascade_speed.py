@@ -11,7 +11,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd, LoadImaged, Orientationd, Spacingd
 
 from custom.cascade import nearest_to_input_grid
-from custom.phantom import generate_phantom
+from tools.phantom import generate_phantom
 
 # orientation, phantom spacing (None: drawn, ~5.5-7 mm), working-grid spacing (mm)
 CASES = [

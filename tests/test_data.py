@@ -266,7 +266,6 @@ def test_verify_reports_all_problems_at_once(tmp_path):
 
 WARNINGS = [
     ("origin", dict(label_affine=AFFINE + np.array([[0, 0, 0, 1.5]] + [[0] * 4] * 3)), "label origin"),
-    ("direction", dict(label_affine=np.diag([1, 1, 1, 1.0]) @ np.diag([0.8, 0.8, 2.5, 1])), "axis directions differ"),
     ("empty_label", dict(values=()), "label has no foreground voxel"),
     ("names_differ", dict(image_name="img0002.nii.gz", label_name="label0003.nii.gz"), "case numbers differ"),
 ]
@@ -289,11 +288,14 @@ def test_verify_btcv_style_names_do_not_warn(tmp_path):
 
 def test_verify_label_never_present_and_label_set_mismatch(tmp_path):
     js = make_dataset(tmp_path, n=2, labels={"background": 0, "liver": 1})  # nnU-Net v2 form
-    report = verify_dataset(js, PAPER_LABELS)
+    report = verify_dataset(js, PAPER_LABELS, raise_on_error=False)
     assert any(
         "present in no checked case: spleen (4), stomach (5), gallbladder (6), pancreas (7)" in w
         for w in report.warnings
     )
+    # liver is 1 in dataset.json but 3 in the label set: an error, not a warning (tests/test_robustness_inputs.py)
+    assert any("disagrees with dataset.json's labels {'liver': 1}" in e for e in report.errors), report.errors
+    report = verify_dataset(js, PAPER_LABELS, check_json_labels=False)
     assert any("differs from dataset.json's labels {'liver': 1}" in w for w in report.warnings)
     with pytest.raises(DatasetError, match=r"label values \[3\] are not in the label set \[0, 1\]"):
         verify_dataset(js)  # dataset.json's own label set: value 3 is not in it
@@ -424,3 +426,13 @@ def test_cli_exits_nonzero_on_problems(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "case_001.nii.gz: label values [9] are not in the label set" in proc.stdout
     assert "1 error(s)" in proc.stdout
+
+
+def test_dataset_error_survives_pickling():
+    import pickle
+
+    from custom.data import DatasetError
+
+    back = pickle.loads(pickle.dumps(DatasetError(["a.nii: bad", "b.nii: worse"])))
+    assert back.problems == ["a.nii: bad", "b.nii: worse"]
+    assert str(back) == "2 dataset problem(s):\n  - a.nii: bad\n  - b.nii: worse"

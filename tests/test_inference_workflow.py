@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from scipy import ndimage
 
 from custom.network import ValidUNet3D
-from custom.phantom import generate_phantom
+from tools.phantom import generate_phantom
 
 NET = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
 K = 8

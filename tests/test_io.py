@@ -641,3 +641,20 @@ def test_write_nifti_safely_rejects_bad_arguments(tmp_path, array, affine, name,
     with pytest.raises(ValueError, match=phrase):
         write_nifti_safely(array, affine, tmp_path / name)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_input_error_survives_pickling_and_copy():
+    """DataLoader workers pickle a worker's exception: the error must come back with its path and message."""
+    import copy
+    import pickle
+
+    from custom.io import InputError
+
+    err = InputError("/data/ct.nii", "truncated gzip")
+    for back in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
+        assert isinstance(back, InputError)
+        assert (back.path, back.message, str(back)) == (
+            "/data/ct.nii",
+            "truncated gzip",
+            "/data/ct.nii: truncated gzip",
+        )

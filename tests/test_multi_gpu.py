@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -16,11 +17,27 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def _torchrun(configs, **over):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         bundle_cli(configs, over, launcher=launcher), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
     )
+
+
+def _free_port() -> int:
+    """A port nothing listens on now (a fixed one collides with a second test run on the same machine)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_ddp_training_two_cpu_processes(tmp_path):

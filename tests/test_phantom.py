@@ -14,7 +14,7 @@ from parameterized import parameterized
 from scipy import ndimage
 
 from custom.labels import EXTENDED_LABELS, PAPER_LABELS
-from custom.phantom import PRESETS, generate_phantom, write_dataset
+from tools.phantom import PRESETS, generate_phantom, write_dataset
 
 # Organ volumes (ml) seen on real CTs (REFERENCE.md / the issue); artery = aorta and branches in an abdominal FOV.
 VOLUME_ML = {
@@ -300,7 +300,7 @@ def test_write_dataset_refuses_to_overwrite(tmp_path):
 
 def test_command_line(tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "custom.phantom", "write_dataset", "--out_dir", str(out), "--n_train", "1"]
+    cmd = [sys.executable, "-m", "tools.phantom", "write_dataset", "--out_dir", str(out), "--n_train", "1"]
     cmd += ["--n_test", "1", "--preset", "tiny", "--labels", "extended"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -96,7 +96,7 @@ def test_without_label_and_with_channel_axis(tmp_path):
 
 
 def test_preview_of_a_phantom(tmp_path):
-    from custom.phantom import preview
+    from tools.phantom import preview
 
     out = preview(seed=1, out=str(tmp_path / "ph.png"), preset="tiny", labels="extended")
     png = np.asarray(Image.open(out).convert("RGB"))

@@ -43,8 +43,8 @@ def main(
     phantoms_only: bool = False,
 ) -> int:
     """Run the demo in ``workdir`` (``--fresh`` deletes it first; ``--phantoms_only`` stops after the data)."""
-    from custom.phantom import write_dataset
     from custom.preview import save_preview  # noqa: F401  (imported early: fail fast if Pillow is missing)
+    from tools.phantom import write_dataset
 
     logging.basicConfig(level=logging.WARNING)
     work = Path(workdir)
