@@ -76,7 +76,9 @@ def test_json_edit_changes_the_output_without_python(tmp_path):
     ``label_postprocessing`` and renames the output: the block is gone and the file is ``ct_organs.nii.gz``."""
     img, planted = _ct_with_a_second_body(tmp_path / "in")
     w = _weights(tmp_path / "w" / "liver.pt", force_class=3)
-    c1_edit = {"preprocessing_transforms#4#largest_component": False}
+    steps = json.loads(Path(config_files("common.json")[0]).read_text())["preprocessing_transforms"]
+    body = next(i for i, t in enumerate(steps) if t["_target_"].endswith("BodyMaskd"))
+    c1_edit = {f"preprocessing_transforms#{body}#largest_component": False}
     _infer(config_files("common.json", "inference.json"), img.parent, tmp_path / "plain", w, **c1_edit)
     seg = np.asarray(nib.load(tmp_path / "plain" / "ct_seg.nii.gz").dataobj)
     comps, n = ndimage.label(seg == 3)
