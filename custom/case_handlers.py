@@ -184,7 +184,9 @@ class CasePreview(CaseHandler):
 
 class CaseMetrics(CaseHandler):
     """Per-case Dice per stage and organ against the label file as stored (``metrics.csv``), and C2 recall / FPR
-    against the dilation radius on the working grid (``c2_recall_fpr.csv``), written when the run completes.
+    against the dilation radius on the working grid (``c2_recall_fpr.csv``), written when the run completes. With a
+    ``label_mapping`` (``--source_labels``) the label file is mapped as the preprocessing maps it, and structures the
+    dataset does not label are NaN.
 
     ``stages`` maps the output keys to the stage names of the report (``{"stage1": "stage1", "pred": "stage2",
     "stage2_nol": "stage2_nol"}``); keys missing from an item are skipped. The rows accumulate over runs of the same
@@ -195,10 +197,12 @@ class CaseMetrics(CaseHandler):
         output_dir: str,
         labels: Mapping[str, int],
         stages: Mapping[str, str] | None = None,
-        radii: Sequence[int] = tuple(range(7)),
+        radii: Sequence[int] = (0, 1, 2, 3, 4, 5, 6),
+        label_mapping: Any = None,
     ):
         self.output_dir = Path(output_dir)
         self.labels = dict(labels)
+        self.label_mapping = label_mapping  # custom.label_presets.LabelMapping: label files carry a dataset's own ids
         self.stages = dict(stages or {"stage1": "stage1", "pred": "stage2"})
         self.radii = [int(r) for r in radii]
         self.metrics_rows: list[dict] = []
@@ -216,6 +220,10 @@ class CaseMetrics(CaseHandler):
             return
         case_id = str(item["case_id"])
         gt = np.asarray(nib.load(str(label_path)).dataobj).astype(np.int64)
+        absent: list[str] = []
+        if self.label_mapping is not None and self.label_mapping.active:
+            gt = self.label_mapping.apply(gt)  # the same mapping as MapLabelValued in the preprocessing
+            absent = sorted(self.label_mapping.absent)
         rows = []
         for key, stage in self.stages.items():
             if key not in item:
@@ -223,7 +231,7 @@ class CaseMetrics(CaseHandler):
             pred = _np(item[key])[0]
             if pred.shape != gt.shape:
                 raise ValueError(f"{label_path}: label shape {gt.shape} differs from the image's {pred.shape}")
-            rows.append({"case_id": case_id, "stage": stage, **dice_per_class(pred, gt, self.labels)})
+            rows.append({"case_id": case_id, "stage": stage, **dice_per_class(pred, gt, self.labels, absent=absent)})
         c2_rows = []
         if "label" in item and item["label"] is not None:  # C2 recall / FPR on the working grid, where C2 is made
             gt_w = _np(item["label"])[0].astype(np.int64)

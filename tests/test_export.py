@@ -49,9 +49,6 @@ COMMON = json.loads((CONFIGS / "common.json").read_text())
 DEMO = json.loads((CONFIGS / "demo.json").read_text())
 FORMATS = sorted(k for k in META if k.endswith("network_data_format"))
 ZOO_CI = ROOT / "scripts" / "zoo_ci.py"
-#: flake8 findings (file, code) in the exported code that are not the export's to fix: code owned by the inference
-#: rewrite (issue 13 part 1). Exact: a finding not listed fails, and so does a listed one that is gone.
-KNOWN_FLAKE8 = {("custom/cascade.py", "B008")}
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +372,7 @@ def _relative(findings):
 
 def test_zoo_format_and_precommit_are_clean_on_the_pull_request_form(exported_pr):
     findings = _relative(_lint(exported_pr.parents[1]))
-    assert findings == {("flake8", f, code) for f, code in KNOWN_FLAKE8}, findings
+    assert findings == set(), findings
 
 
 def test_zoo_precommit_refuses_weights_committed_to_git(exported):

@@ -436,12 +436,6 @@ def test_btcv_layout_runs_the_whole_readme_chain(btcv_dataset, tmp_path):
     assert (ev / "report.md").is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="custom/cascade.py CascadeRunner._evaluate reads the ground-truth label file with nibabel, bypassing the "
-    "preprocessing and so the source_labels mapping; the per-stage Dice then compares against the dataset's raw ids. "
-    "The fix belongs in cascade.py (map gt through label_mapping.mapping); remove this marker then.",
-)
 def test_evaluation_dice_uses_the_mapped_labels(btcv_dataset, tmp_path):
     torch.manual_seed(0)
     from custom.network import ValidUNet3D
