@@ -316,7 +316,7 @@ class ValidTiledInferer(Inferer):
             command line are accepted. With ``fold_bn`` the folded copy runs in pure bfloat16, otherwise under
             autocast. ``"auto"``: on CUDA bfloat16 where the device supports it; on the CPU bfloat16 only where
             oneDNN reports native support (AVX-512 BF16 / AMX; on AVX2-only CPUs bfloat16 convolutions fall back to
-            a reference kernel 20-40x slower) *and* a short probe of the network at its own widths (a 100^3 input,
+            a reference kernel 20-40x slower) *and* a short probe of the network at its own widths (a 92^3 input,
             one or two runs per configuration) finds it at least 10 % faster than float32; float32 otherwise. The
             decision is cached per process and network shape, logged once and reported in
             ``last_stats["precision"]`` (see :class:`Precision`).
@@ -861,8 +861,8 @@ class ValidTiledInferer(Inferer):
         return Precision(dtype, c, "probe", why, named)
 
     def probe_input_size(self) -> tuple[int, int, int]:
-        """Input of the probe: the smallest valid input grown by one pooling period (100^3 for this U-Net)."""
-        n = self.min_output + self.align + 2 * self.margin
+        """Input of the probe: the smallest valid input (92^3 for this U-Net: a 4^3 output)."""
+        n = self.min_output + 2 * self.margin
         return (n, n, n)
 
     def _probe(
