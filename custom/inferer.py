@@ -252,7 +252,8 @@ class Precision:
 
     ``source`` is ``"forced"`` (``amp`` / ``channels_last`` given as booleans), ``"capability"`` (decided from
     what the device reports, without a probe) or ``"probe"`` (a short timed run of the network at its own widths;
-    ``probe_seconds`` gives the best time per configuration, ``None`` for one dropped after its first run).
+    ``probe_seconds`` gives the best time per configuration (the warm-up's for one too slow to time again),
+    ``None`` for one not run because the others had already decided).
     """
 
     dtype: torch.dtype
@@ -276,8 +277,8 @@ _PRECISION_CACHE: dict[tuple, Precision] = {}
 #: bfloat16 must beat the best float32 configuration by this factor to be chosen (float32 is exact, so a tie or a
 #: few percent of timing noise keeps float32).
 _BF16_MARGIN = 0.9
-#: A probed configuration whose first (warm-up) run takes this many times the fastest first run is dropped (the
-#: slow reference kernels of a CPU without native bfloat16 are 20-40x slower: no need to time them again).
+#: A probed configuration whose warm-up takes this many times the fastest warm-up is not timed again (the slow
+#: reference kernels of a CPU without native bfloat16 are 20-40x slower).
 _PROBE_DROP = 4.0
 
 
@@ -833,7 +834,7 @@ class ValidTiledInferer(Inferer):
     def _choose(
         times: dict[tuple[torch.dtype, bool], float | None], amp: bool | str, native: bool, no_bf16: str
     ) -> Precision:
-        """The decision from probe times (seconds per run, None = dropped as too slow): the fastest layout per
+        """The decision from probe times (seconds per run, None = not run): the fastest layout per
         dtype; bfloat16 only when it beats the best float32 by ``_BF16_MARGIN``."""
 
         def best(dtype):
@@ -855,7 +856,7 @@ class ValidTiledInferer(Inferer):
         if amp == "auto" and not native:
             why = f"{no_bf16}; fastest layout {t * 1e3:.0f} ms per run"
         elif amp == "auto":
-            why = f"bfloat16 dropped as too slow; float32 {t * 1e3:.0f} ms per run"
+            why = f"bfloat16 not run; float32 {t * 1e3:.0f} ms per run"
         else:
             why = f"amp={amp} forced; fastest layout {t * 1e3:.0f} ms per run"
         return Precision(dtype, c, "probe", why, named)
@@ -869,9 +870,12 @@ class ValidTiledInferer(Inferer):
         self, network: Callable, device: torch.device, configs: list[tuple[torch.dtype, bool]]
     ) -> dict[tuple[torch.dtype, bool], float | None]:
         """Seconds per forward of each configuration on a :meth:`probe_input_size` input (the folded copy in that
-        dtype and layout, as inference runs it). Every configuration runs once untimed (oneDNN creates its kernels);
-        one whose warm-up took more than ``_PROBE_DROP`` x the fastest is dropped (None: the slow-kernel trap); the
-        others then run twice (once when a warm-up took over a second), interleaved, and the best run counts."""
+        dtype and layout, as inference runs it). Every configuration runs once as a warm-up (oneDNN creates its
+        kernels), channels-last first; float32 NCDHW is skipped when bfloat16 channels-last took less than half of
+        float32 channels-last (None). When the fastest warm-up is less than half of every other, it wins on those
+        times; otherwise the configurations within ``_PROBE_DROP`` x the fastest run twice more (once when a
+        warm-up took over a second), interleaved, and the best run counts; the slower ones (the slow-kernel trap)
+        keep their warm-up time."""
         cin = _in_channels(network) or 1
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, cin, *self.probe_input_size(), generator=g).to(device)
@@ -890,16 +894,23 @@ class ValidTiledInferer(Inferer):
             return time.perf_counter() - t0
 
         first: dict = {}
-        for c in configs:  # warm-up: oneDNN creates its kernels; a slow reference kernel shows here already
+        bf16_cl, fp32_cl = (torch.bfloat16, True), (torch.float32, True)
+        # warm-up (oneDNN creates its kernels; a slow reference kernel shows here already), channels-last first
+        for c in sorted(configs, key=lambda c: (not c[1], c[0] != torch.bfloat16)):
+            if c == (torch.float32, False) and bf16_cl in first and fp32_cl in first:
+                if first[bf16_cl] * 2 < first[fp32_cl]:
+                    continue  # bfloat16 wins by more than any float32 layout has been measured to change
             first[c] = once(c)
         fastest = min(first.values())
-        times: dict = {c: (t if t <= _PROBE_DROP * fastest else None) for c, t in first.items()}
-        live = [c for c in configs if times[c] is not None]
-        times.update({c: math.inf for c in live})
-        rounds = 1 if fastest > 1.0 else 2  # wide networks: one timed run each keeps the probe short
-        for _ in range(rounds):  # interleaved, so that other load on the machine hits every configuration alike
-            for c in live:
-                times[c] = min(times[c], once(c))
+        times: dict = {c: first.get(c) for c in configs}
+        live = [c for c in first if first[c] <= _PROBE_DROP * fastest]  # the others keep their warm-up time
+        ranked = sorted(first.values())
+        if len(ranked) > 1 and ranked[0] * 2 > ranked[1]:  # no clear winner from the warm-ups: timed runs
+            times.update({c: math.inf for c in live})
+            rounds = 1 if fastest > 1.0 else 2  # wide networks: one timed run each keeps the probe short
+            for _ in range(rounds):  # interleaved, so that other load on the machine hits every configuration alike
+                for c in live:
+                    times[c] = min(times[c], once(c))
         return times
 
     @staticmethod

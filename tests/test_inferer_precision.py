@@ -74,7 +74,8 @@ class TestAutoDecision:
         "times, layout",
         [
             ({FP32_CL: 0.20, FP32_NC: 0.25, BF16_CL: 0.19}, True),  # bf16 only 5 % faster: float32 (exact) wins
-            ({FP32_CL: 0.30, FP32_NC: 0.20, BF16_CL: None}, False),  # bf16 dropped (slow kernels); NCDHW faster
+            ({FP32_CL: 0.30, FP32_NC: 0.20, BF16_CL: 6.0}, False),  # bf16 the slow-kernel trap; NCDHW faster
+            ({FP32_CL: 0.30, FP32_NC: None, BF16_CL: 0.29}, True),  # a layout not run
         ],
     )
     def test_float32_kept_unless_bf16_wins_by_the_margin(self, monkeypatch, times, layout):
@@ -150,15 +151,18 @@ class CostlyNet(nn.Module):
     """A stand-in valid network (output 88 voxels smaller) that advances a fake clock: 20x slower under bfloat16
     autocast (the slow-kernel trap), NCDHW 1.5x slower than channels-last."""
 
-    def __init__(self, clock: FakeClock):
+    def __init__(self, clock: FakeClock, bf16_cost: float = 2.0):
         super().__init__()
+        self.bf16_cost = bf16_cost
         self.conv = nn.Conv3d(2, 2, 1)  # two input channels: the layouts differ (with one they coincide)
         self.clock = clock
+        self.calls: list = []
 
     def forward(self, x):
         bf16 = torch.is_autocast_enabled("cpu")
         cl = x.stride(1) == 1  # channels innermost
-        self.clock.t += (2.0 if bf16 else 0.1) * (1.0 if cl else 1.5)
+        self.clock.t += (self.bf16_cost if bf16 else 0.1) * (1.0 if cl else 1.5)
+        self.calls.append((bf16, cl))
         return self.conv(x[:, :, 44:-44, 44:-44, 44:-44].float())
 
 
@@ -174,8 +178,22 @@ def test_real_probe_drops_the_slow_bf16_path(monkeypatch):
     prec = inf.resolve_precision(net, CPU)
     assert (prec.dtype, prec.channels_last, prec.source) == (torch.float32, True, "probe")
     assert prec.probe_seconds == {"float32, channels_last_3d": 0.1, "float32, NCDHW": 0.15,
-                                  "bfloat16, channels_last_3d": None}  # fmt: skip
+                                  "bfloat16, channels_last_3d": 2.0}  # fmt: skip
     assert inf.probe_input_size() == (92, 92, 92)
+    assert net.calls.count((True, True)) == 1  # the trap ran once (its warm-up), the float32 layouts three times
+
+
+@pytest.mark.usefixtures("fresh_cache")
+def test_real_probe_stops_early_when_bf16_wins_clearly(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(inferer_mod.time, "perf_counter", clock)
+    monkeypatch.setattr(inferer_mod.runtime, "cpu_bf16_supported", lambda: True)
+    net = CostlyNet(clock, bf16_cost=0.02)
+    prec = ValidTiledInferer(activation="none").resolve_precision(net, CPU)
+    assert (prec.dtype, prec.channels_last) == (torch.bfloat16, True)
+    assert prec.probe_seconds == {"float32, channels_last_3d": 0.1, "float32, NCDHW": None,
+                                  "bfloat16, channels_last_3d": 0.02}  # fmt: skip
+    assert net.calls == [(True, True), (False, True)]  # two warm-ups decided it
 
 
 @pytest.mark.usefixtures("fresh_cache")
