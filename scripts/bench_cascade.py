@@ -761,6 +761,9 @@ def precision_matrix(args, device, workdir: Path) -> dict:
                     "total": _min_median([r["total"] for r in rows]),
                     "networks": _min_median([r["stage1"] + r["stage2"] for r in rows]),
                     "chosen": {k: st[k].get("precision") for k in ("stage1", "stage2")},
+                    "chosen_per_run": [
+                        "/".join(str(r["stages"][k].get("dtype")) for k in ("stage1", "stage2")) for r in rows
+                    ],
                     "load_average_1min": [r.get("load_average_1min") for r in rows],
                 }
             )
