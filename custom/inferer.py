@@ -725,21 +725,22 @@ class ValidTiledInferer(Inferer):
         return min(4 * 2**30, 0.25 * avail) if avail else 2 * 2**30
 
     def _build_compute(
-        self, network: Callable, dtype: torch.dtype, channels_last: bool
+        self, network: Callable, dtype: torch.dtype, channels_last: bool, compile: bool | None = None
     ) -> tuple[Callable, bool, torch.dtype | None]:
         """(module to run, whether it is the folded copy, dtype to cast tiles to or None for autocast/fp32) for
         ``dtype`` and the layout; the folded copy is cached per network (and refreshed when its weights change)."""
         if not (self.fold_bn and isinstance(network, ValidUNet3D)):
             return network, False, None
         state = tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in network.state_dict().values())
-        key = (state, dtype, channels_last, self.compile)
+        compile = self.compile if compile is None else compile
+        key = (state, dtype, channels_last, compile)
         cached = self._fold_cache.get(network)
         if cached is not None and cached[0] == key:
             return cached[1], True, dtype
         folded = fold_batchnorm(network).to(dtype=dtype)
         if channels_last:
             folded = folded.to(memory_format=torch.channels_last_3d)
-        if self.compile:
+        if compile:
             folded = torch.compile(folded, dynamic=False)
         self._fold_cache[network] = (key, folded)
         return folded, True, dtype
@@ -879,7 +880,8 @@ class ValidTiledInferer(Inferer):
         cin = _in_channels(network) or 1
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, cin, *self.probe_input_size(), generator=g).to(device)
-        built = {c: self._build_compute(network, *c) for c in configs}
+        built = {c: self._build_compute(network, *c, compile=False) for c in configs}  # eager: compiling each
+        # candidate would cost more than the whole probe
 
         def once(c) -> float:
             net, _, cast = built[c]
