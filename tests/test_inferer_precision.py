@@ -179,7 +179,7 @@ def test_real_probe_drops_the_slow_bf16_path(monkeypatch):
     assert (prec.dtype, prec.channels_last, prec.source) == (torch.float32, True, "probe")
     assert prec.probe_seconds == {"float32, channels_last_3d": 0.1, "float32, NCDHW": 0.15,
                                   "bfloat16, channels_last_3d": 2.0}  # fmt: skip
-    assert inf.probe_input_size() == (92, 92, 92)
+    assert inf.probe_input_size() == (100, 100, 100)
     assert net.calls.count((True, True)) == 1  # the trap ran once (its warm-up), the float32 layouts three times
 
 
