@@ -16,6 +16,10 @@ input), with random Kaiming-initialised networks at the paper's widths (the same
   components of ``train.json``) against the pure compute step (forward + loss + backward + SGD on a fixed batch).
 - **levers**: precision / memory layout / BatchNorm folding of one tile, resampling labels vs probabilities back,
   C1 on the full vs the working grid, NIfTI gzip level, and the FLOPs of mask-aware vs budget-only tile choice.
+- **precision**: float32 vs bfloat16 vs ``amp="auto"`` in one process, repeats interleaved: the whole case at the
+  demo's width and grid (``demo.json``) and one paper tile's forward at widths 8 and 32, with the machine (CPU model,
+  ISA flags, oneDNN's bfloat16 support) and what ``auto`` chose (run with ``ONEDNN_MAX_CPU_ISA=AVX2`` to see what an
+  AVX2-only CPU gets).
 - **large**: peak RAM (and GPU memory) of the project's cascade on a 512x512x1000 CT.
 
 Peak RAM is the process's high-water mark (``VmHWM``, reset before each section through ``/proc/self/clear_refs``,
