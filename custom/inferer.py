@@ -252,8 +252,7 @@ class Precision:
 
     ``source`` is ``"forced"`` (``amp`` / ``channels_last`` given as booleans), ``"capability"`` (decided from
     what the device reports, without a probe) or ``"probe"`` (a short timed run of the network at its own widths;
-    ``probe_seconds`` gives the best time per configuration (the warm-up's for one too slow to time again),
-    ``None`` for one not run because the others had already decided).
+    ``probe_seconds`` gives the best time per configuration (the warm-up's for one too slow to time again).
     """
 
     dtype: torch.dtype
@@ -281,7 +280,7 @@ _BF16_MARGIN = 0.9
 #: oneDNN's kernel creation, which costs bfloat16 relatively more, so this never favours it wrongly).
 _PROBE_CLEAR = 1.5
 #: A probed configuration whose warm-up takes this many times the fastest warm-up is not timed again (the slow
-#: reference kernels of a CPU without native bfloat16 are 20-40x slower).
+#: reference kernels of a CPU without native bfloat16 are 20-70x slower).
 _PROBE_DROP = 4.0
 
 
@@ -320,13 +319,14 @@ class ValidTiledInferer(Inferer):
             command line are accepted. With ``fold_bn`` the folded copy runs in pure bfloat16, otherwise under
             autocast. ``"auto"``: on CUDA bfloat16 where the device supports it; on the CPU bfloat16 only where
             oneDNN reports native support (AVX-512 BF16 / AMX; on AVX2-only CPUs bfloat16 convolutions fall back to
-            a reference kernel 20-40x slower) *and* a short probe of the network at its own widths (a 100^3 input,
-            one or two runs per configuration) finds it at least 10 % faster than float32; float32 otherwise. The
-            decision is cached per process and network shape, logged once and reported in
+            a reference kernel 20-70x slower) *and* a short probe of the network at its own widths (a 100^3 input,
+            a warm-up and at most two timed runs per configuration) finds it at least 10 % faster than float32;
+            float32 otherwise. The decision is cached per process and network shape, logged once and reported in
             ``last_stats["precision"]`` (see :class:`Precision`).
         channels_last: ``"auto"`` (default), True or False: channels_last_3d memory format for tiles and the
-            folded copy. ``"auto"``: channels-last on CUDA; on the CPU the probe times both layouts (oneDNN prefers
-            channels-last: faster in every configuration measured so far) and keeps the faster.
+            folded copy. ``"auto"``: channels-last on CUDA and on the CPU (oneDNN ran it as fast as NCDHW or faster
+            in every configuration measured but one; probing the layout too cost more than it won), NCDHW on other
+            devices.
         fold_bn: run a cached copy of a :class:`ValidUNet3D` with BatchNorm folded into the convolutions (fewer
             passes over the activations, the same result to float rounding; never slower, so not probed).
         output_device: device of the returned probabilities; ``None`` = the input's device, falling back to the CPU
@@ -812,15 +812,16 @@ class ValidTiledInferer(Inferer):
             dtypes = [fp32, bf16] if native else [fp32]
         else:
             dtypes = [bf16 if amp else fp32]
-        layouts = [True, False] if cl == "auto" else [bool(cl)]
+        # channels-last unless forced: oneDNN ran it as fast as NCDHW or faster in every configuration measured
+        # here but one (f = 32 under AVX2 kernels, ~10 %), and probing a second layout cost 2-5 s in a fresh process
+        # (kernel creation for new shapes), more than it could win (bundle/docs/performance.md)
+        layouts = [True] if cl == "auto" else [bool(cl)]
         no_bf16 = (
             "oneDNN reports no native bfloat16 on this CPU (bfloat16 convolutions would use the slow reference kernel)"
         )
-        # bfloat16 in NCDHW is the slowest layout for oneDNN (reorders around every convolution, 2x the memory):
-        # not probed unless forced
-        configs = [(d, c) for d in dtypes for c in layouts if c or d == torch.float32 or cl is False]
+        configs = [(d, c) for d in dtypes for c in layouts]
         if len(configs) == 1:
-            why = no_bf16 if amp == "auto" else f"amp={amp} forced; bfloat16 runs channels-last"
+            why = no_bf16 if amp == "auto" else f"amp={amp} forced"
             return Precision(configs[0][0], configs[0][1], "capability", why)
         try:
             times = self._probe(network, device, configs)
@@ -877,9 +878,8 @@ class ValidTiledInferer(Inferer):
     ) -> dict[tuple[torch.dtype, bool], float | None]:
         """Seconds per forward of each configuration on a :meth:`probe_input_size` input (the folded copy in that
         dtype and layout, as inference runs it). Every configuration runs once as a warm-up (oneDNN creates its
-        kernels), channels-last first; float32 NCDHW is skipped (None) when bfloat16 channels-last was
-        ``_PROBE_CLEAR`` times faster than float32 channels-last. When the fastest warm-up is ``_PROBE_CLEAR``
-        times faster than every other, it wins on those times; otherwise the configurations within
+        kernels). When the fastest warm-up is ``_PROBE_CLEAR`` times faster than every other, it wins on those
+        times; otherwise the configurations within
         ``_PROBE_DROP`` x the fastest run twice more (once when a warm-up took over a second), interleaved, and the
         best run counts; the slower ones (the slow-kernel trap) keep their warm-up time."""
         cin = _in_channels(network) or 1
@@ -901,12 +901,8 @@ class ValidTiledInferer(Inferer):
             return time.perf_counter() - t0
 
         first: dict = {}
-        bf16_cl, fp32_cl = (torch.bfloat16, True), (torch.float32, True)
-        # warm-up (oneDNN creates its kernels; a slow reference kernel shows here already), channels-last first
+        # warm-up (oneDNN creates its kernels; a slow reference kernel shows here already), bfloat16 first
         for c in sorted(configs, key=lambda c: (not c[1], c[0] != torch.bfloat16)):
-            if c == (torch.float32, False) and bf16_cl in first and fp32_cl in first:
-                if first[bf16_cl] * _PROBE_CLEAR < first[fp32_cl]:
-                    continue  # bfloat16 wins by more than any float32 layout has been measured to change
             first[c] = once(c)
         fastest = min(first.values())
         times: dict = {c: first.get(c) for c in configs}

@@ -49,12 +49,11 @@ def stub(monkeypatch, native: bool, times: dict | None = None) -> list:
 
 @pytest.mark.usefixtures("fresh_cache")
 class TestAutoDecision:
-    def test_no_native_bf16_means_float32_and_bf16_never_probed(self, monkeypatch):
-        calls = stub(monkeypatch, native=False, times={FP32_CL: 0.1, FP32_NC: 0.3})
+    def test_no_native_bf16_means_float32_without_a_probe(self, monkeypatch):
+        calls = stub(monkeypatch, native=False)  # the stubbed probe raises if called
         prec = ValidTiledInferer().resolve_precision(make_net(), CPU)
-        assert (prec.dtype, prec.channels_last, prec.source) == (torch.float32, True, "probe")
-        assert "no native bfloat16" in prec.reason
-        assert calls == [[FP32_CL, FP32_NC]]  # layouts only, in float32
+        assert (prec.dtype, prec.channels_last, prec.source) == (torch.float32, True, "capability")
+        assert "no native bfloat16" in prec.reason and calls == []
 
     def test_no_native_bf16_and_layout_forced_needs_no_probe(self, monkeypatch):
         stub(monkeypatch, native=False)
@@ -62,26 +61,25 @@ class TestAutoDecision:
         assert (prec.dtype, prec.channels_last, prec.source) == (torch.float32, False, "capability")
 
     def test_native_bf16_chosen_when_clearly_faster(self, monkeypatch):
-        calls = stub(monkeypatch, native=True, times={FP32_CL: 0.20, FP32_NC: 0.25, BF16_CL: 0.05})
+        calls = stub(monkeypatch, native=True, times={FP32_CL: 0.20, BF16_CL: 0.05})
         inf = ValidTiledInferer()
         prec = inf.resolve_precision(make_net(), CPU)
         assert (prec.dtype, prec.channels_last, prec.source) == (torch.bfloat16, True, "probe")
-        assert calls == [[FP32_CL, FP32_NC, BF16_CL]]  # bfloat16 NCDHW is not a candidate
-        assert prec.probe_seconds == {"float32, channels_last_3d": 0.2, "float32, NCDHW": 0.25,
-                                      "bfloat16, channels_last_3d": 0.05}  # fmt: skip
+        assert calls == [[FP32_CL, BF16_CL]]  # the precision only: channels-last unless forced
+        assert prec.probe_seconds == {"float32, channels_last_3d": 0.2, "bfloat16, channels_last_3d": 0.05}
 
     @pytest.mark.parametrize(
         "times, layout",
         [
-            ({FP32_CL: 0.20, FP32_NC: 0.25, BF16_CL: 0.19}, True),  # bf16 only 5 % faster: float32 (exact) wins
-            ({FP32_CL: 0.30, FP32_NC: 0.20, BF16_CL: 6.0}, False),  # bf16 the slow-kernel trap; NCDHW faster
-            ({FP32_CL: 0.30, FP32_NC: None, BF16_CL: 0.29}, True),  # a layout not run
+            ({FP32_CL: 0.20, BF16_CL: 0.19}, "auto"),  # bf16 only 5 % faster: float32 (exact) wins
+            ({FP32_CL: 0.30, BF16_CL: 6.0}, "auto"),  # bf16 the slow-kernel trap
+            ({FP32_NC: 0.30, (torch.bfloat16, False): 0.29}, False),  # NCDHW forced: both dtypes in NCDHW
         ],
     )
     def test_float32_kept_unless_bf16_wins_by_the_margin(self, monkeypatch, times, layout):
         stub(monkeypatch, native=True, times=times)
-        prec = ValidTiledInferer().resolve_precision(make_net(), CPU)
-        assert (prec.dtype, prec.channels_last) == (torch.float32, layout)
+        prec = ValidTiledInferer(channels_last=layout).resolve_precision(make_net(), CPU)
+        assert (prec.dtype, prec.channels_last) == (torch.float32, layout != False)  # noqa: E712
 
     @pytest.mark.parametrize(
         "amp, cl, dtype",
@@ -109,7 +107,7 @@ class TestAutoDecision:
         assert (inf.amp, inf.channels_last, inf.progress) == ("auto", "auto", "auto")
 
     def test_decision_cached_per_network_shape_and_logged_once(self, monkeypatch, caplog):
-        calls = stub(monkeypatch, native=True, times={FP32_CL: 0.2, FP32_NC: 0.3, BF16_CL: 0.05})
+        calls = stub(monkeypatch, native=True, times={FP32_CL: 0.2, BF16_CL: 0.05})
         with caplog.at_level(logging.INFO, logger="custom.inferer"):
             a = ValidTiledInferer(name="stage 1").resolve_precision(make_net(0), CPU)
             b = ValidTiledInferer(name="stage 2").resolve_precision(make_net(1), CPU)  # same shapes, other weights
@@ -177,10 +175,20 @@ def test_real_probe_drops_the_slow_bf16_path(monkeypatch):
     inf = ValidTiledInferer(tile_size=(12, 12, 12), activation="none")
     prec = inf.resolve_precision(net, CPU)
     assert (prec.dtype, prec.channels_last, prec.source) == (torch.float32, True, "probe")
-    assert prec.probe_seconds == {"float32, channels_last_3d": 0.1, "float32, NCDHW": 0.15,
-                                  "bfloat16, channels_last_3d": 2.0}  # fmt: skip
+    assert prec.probe_seconds == {"float32, channels_last_3d": 0.1, "bfloat16, channels_last_3d": 2.0}
     assert inf.probe_input_size() == (100, 100, 100)
-    assert net.calls.count((True, True)) == 1  # the trap ran once (its warm-up), the float32 layouts three times
+    assert net.calls == [(True, True), (False, True)]  # the trap's warm-up decided it: no timed runs
+
+
+@pytest.mark.usefixtures("fresh_cache")
+def test_real_probe_times_again_when_close(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(inferer_mod.time, "perf_counter", clock)
+    monkeypatch.setattr(inferer_mod.runtime, "cpu_bf16_supported", lambda: True)
+    net = CostlyNet(clock, bf16_cost=0.095)  # 5 % faster: within the margin, float32 is kept
+    prec = ValidTiledInferer(channels_last=False, activation="none").resolve_precision(net, CPU)
+    assert (prec.dtype, prec.channels_last) == (torch.float32, False)
+    assert len(net.calls) == 6 and set(net.calls) == {(True, False), (False, False)}  # warm-up + 2 rounds each
 
 
 @pytest.mark.usefixtures("fresh_cache")
@@ -191,28 +199,28 @@ def test_real_probe_stops_early_when_bf16_wins_clearly(monkeypatch):
     net = CostlyNet(clock, bf16_cost=0.02)
     prec = ValidTiledInferer(activation="none").resolve_precision(net, CPU)
     assert (prec.dtype, prec.channels_last) == (torch.bfloat16, True)
-    assert prec.probe_seconds == {"float32, channels_last_3d": 0.1, "float32, NCDHW": None,
-                                  "bfloat16, channels_last_3d": 0.02}  # fmt: skip
+    assert prec.probe_seconds == {"float32, channels_last_3d": 0.1, "bfloat16, channels_last_3d": 0.02}
     assert net.calls == [(True, True), (False, True)]  # two warm-ups decided it
 
 
 @pytest.mark.usefixtures("fresh_cache")
-def test_auto_is_exact_when_it_chooses_float32(monkeypatch):
-    monkeypatch.setattr(inferer_mod.runtime, "cpu_bf16_supported", lambda: False)  # the real probe picks a layout
+@pytest.mark.parametrize("native, source", [(False, "capability"), (True, "probe")])
+def test_auto_is_exact_when_it_chooses_float32(monkeypatch, native, source):
+    stub(monkeypatch, native=native, times={FP32_CL: 0.1, BF16_CL: 0.3})  # the probe (if asked) prefers float32
     net = make_net(3)
     x = torch.randn(1, 1, 20, 13, 9, generator=torch.Generator().manual_seed(4))
     auto = ValidTiledInferer(tile_size=(12, 12, 12))
     got = auto(x, net).as_tensor()
     ref = ValidTiledInferer(tile_size=(12, 12, 12), amp=False, channels_last=False, fold_bn=False)(x, net).as_tensor()
     assert auto.last_stats["dtype"] == "float32" and auto.last_stats["precision"]["amp"] == "auto"
-    assert auto.last_stats["precision"]["source"] == "probe" and auto.last_stats["precision"]["fold_bn"] is True
+    assert auto.last_stats["precision"]["source"] == source and auto.last_stats["precision"]["fold_bn"] is True
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     assert torch.equal(got.argmax(1), ref.argmax(1))
 
 
 @pytest.mark.usefixtures("fresh_cache")
 def test_stats_carry_the_decision(monkeypatch):
-    stub(monkeypatch, native=True, times={FP32_CL: 0.2, FP32_NC: 0.3, BF16_CL: 0.05})
+    stub(monkeypatch, native=True, times={FP32_CL: 0.2, BF16_CL: 0.05})
     inf = ValidTiledInferer(tile_size=(12, 12, 12))
     inf(torch.randn(1, 1, 20, 13, 9), make_net())
     st = inf.last_stats
