@@ -781,7 +781,7 @@ class ValidTiledInferer(Inferer):
         _PRECISION_CACHE[key] = prec
         logger.info(
             "%s: %s on %s (%s: %s)",
-            self.name or "tiled inference",
+            self.name or "tiles",
             _config_name(prec.dtype, prec.channels_last),
             device,
             prec.source,
