@@ -821,8 +821,9 @@ class ValidTiledInferer(Inferer):
         )
         configs = [(d, c) for d in dtypes for c in layouts]
         if len(configs) == 1:
-            why = no_bf16 if amp == "auto" else f"amp={amp} forced"
-            return Precision(configs[0][0], configs[0][1], "capability", why)
+            if amp == "auto":
+                return Precision(configs[0][0], configs[0][1], "capability", no_bf16)
+            return Precision(configs[0][0], configs[0][1], "forced", f"amp={amp}, channels-last unless forced")
         try:
             times = self._probe(network, device, configs)
         except Exception as e:  # noqa: BLE001 - a probe that cannot run must not stop inference: float32 then

@@ -94,8 +94,8 @@ class TestAutoDecision:
 
     def test_forced_bf16_on_a_cpu_without_native_bf16_is_honoured(self, monkeypatch):
         stub(monkeypatch, native=False)
-        prec = ValidTiledInferer(amp=True).resolve_precision(make_net(), CPU)  # bf16 runs channels-last only
-        assert (prec.dtype, prec.channels_last, prec.source) == (torch.bfloat16, True, "capability")
+        prec = ValidTiledInferer(amp=True).resolve_precision(make_net(), CPU)  # the layout stays channels-last
+        assert (prec.dtype, prec.channels_last, prec.source) == (torch.bfloat16, True, "forced")
 
     @pytest.mark.parametrize("name, value", [("amp", "maybe"), ("channels_last", 2), ("progress", "sometimes")])
     def test_bad_values_are_refused_by_name(self, name, value):
