@@ -118,9 +118,7 @@ class CaseQC(CaseHandler):
             "c1_fraction": float(_np(_work(item, "c1")).astype(bool).mean()),
             "c2_fraction": float(c2_stats.get("fraction", float(_np(_work(item, "c2")).astype(bool).mean()))),
             "tiles": {
-                s: {k: v.get(k) for k in ("tiles_run", "tiles_skipped", "candidate_fraction", "mode", "tile_size")}
-                for s, v in stats.items()
-                if s != "c2" and isinstance(v, dict)
+                s: {k: v.get(k) for k in _QC_TILE_KEYS} for s, v in stats.items() if s != "c2" and isinstance(v, dict)
             },
             "seconds": dict(item.get("seconds", {})),
         }
@@ -180,6 +178,19 @@ class CasePreview(CaseHandler):
             title=case_id,
             window=self.display_window,
         )
+
+
+#: What the QC JSON keeps of each stage's tiled-inferer statistics: the tiles, and the precision chosen and why.
+_QC_TILE_KEYS = (
+    "tiles_run",
+    "tiles_skipped",
+    "candidate_fraction",
+    "mode",
+    "tile_size",
+    "dtype",
+    "channels_last",
+    "precision",
+)
 
 
 class CaseMetrics(CaseHandler):

@@ -52,6 +52,7 @@ import functools
 import logging
 import math
 import os
+import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -67,9 +68,12 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 from torch import nn
 
+from custom import runtime
 from custom.network import ValidUNet3D, _center_crop, fold_batchnorm, forward_flops
+from custom.options import as_bool
 
 __all__ = [
+    "Precision",
     "ValidTiledInferer",
     "TilePass",
     "encoder_flops",
@@ -242,6 +246,55 @@ class TilePass:
     write: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Precision:
+    """The compute precision and layout of a tiled run, and why they were chosen.
+
+    ``source`` is ``"forced"`` (``amp`` / ``channels_last`` given as booleans), ``"capability"`` (decided from
+    what the device reports, without a probe) or ``"probe"`` (a short timed run of the network at its own widths;
+    ``probe_seconds`` gives the best time per configuration (the warm-up's for one too slow to time again).
+    """
+
+    dtype: torch.dtype
+    channels_last: bool
+    source: str
+    reason: str
+    probe_seconds: dict[str, float | None] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "channels_last": self.channels_last,
+            "source": self.source,
+            "reason": self.reason,
+            "probe_seconds": None if self.probe_seconds is None else dict(self.probe_seconds),
+        }
+
+
+#: Decisions of ``amp="auto"`` / ``channels_last="auto"``, per process: key = network shape, device, threads, ISA.
+_PRECISION_CACHE: dict[tuple, Precision] = {}
+#: bfloat16 must beat the best float32 configuration by this factor to be chosen (float32 is exact, so a tie or a
+#: few percent of timing noise keeps float32).
+_BF16_MARGIN = 0.9
+#: A warm-up this many times faster than every other decides the probe without timed runs (warm-ups include
+#: oneDNN's kernel creation, which costs bfloat16 relatively more, so this never favours it wrongly).
+_PROBE_CLEAR = 1.5
+#: A probed configuration whose warm-up takes this many times the fastest warm-up is not timed again (the slow
+#: reference kernels of a CPU without native bfloat16 are 20-70x slower).
+_PROBE_DROP = 4.0
+
+
+def _auto_or_bool(value: Any, name: str) -> bool | str:
+    """``"auto"`` (any case) or a boolean through :func:`custom.options.as_bool` (CLI strings accepted)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return as_bool(value, name)
+
+
+def _config_name(dtype: torch.dtype, channels_last: bool) -> str:
+    return f"{str(dtype).replace('torch.', '')}, {'channels_last_3d' if channels_last else 'NCDHW'}"
+
+
 def _valid_outputs_from(m: int, min_output: int, align: int) -> int:
     """Smallest valid output size >= m (valid output sizes are min_output + align * k)."""
     return min_output + max(0, math.ceil((m - min_output) / align)) * align
@@ -262,14 +315,25 @@ class ValidTiledInferer(Inferer):
         padding_mode: border padding of the image, ``"constant"`` (with ``pad_value``) or ``"replicate"``.
         pad_value: constant used for padding: the normalised intensity of air in this bundle's configs.
         sw_batch_size: tiles per forward.
-        amp: bfloat16 compute (CPU and CUDA); with ``fold_bn`` the folded copy runs in pure bfloat16, otherwise
-            under autocast. float32 when False.
-        channels_last: channels_last_3d memory format for tiles and the folded copy (faster on CUDA in bfloat16,
-            and on CPU for both float32 and bfloat16, where oneDNN prefers it: 2x measured at the paper's widths).
-        fold_bn: run a cached copy of a :class:`ValidUNet3D` with BatchNorm folded into the convolutions.
+        amp: ``"auto"`` (default), True (bfloat16) or False (float32); the strings ``"true"``/``"false"`` of the
+            command line are accepted. With ``fold_bn`` the folded copy runs in pure bfloat16, otherwise under
+            autocast. ``"auto"``: on CUDA bfloat16 where the device supports it; on the CPU bfloat16 only where
+            oneDNN reports native support (AVX-512 BF16 / AMX; on AVX2-only CPUs bfloat16 convolutions fall back to
+            a reference kernel 20-70x slower) *and* a short probe of the network at its own widths (a 100^3 input,
+            a warm-up and at most two timed runs per configuration) finds it at least 10 % faster than float32;
+            float32 otherwise. The decision is cached per process and network shape, logged once and reported in
+            ``last_stats["precision"]`` (see :class:`Precision`).
+        channels_last: ``"auto"`` (default), True or False: channels_last_3d memory format for tiles and the
+            folded copy. ``"auto"``: channels-last on CUDA and on the CPU (oneDNN ran it as fast as NCDHW or faster
+            in every configuration measured but one; probing the layout too cost more than it won), NCDHW on other
+            devices.
+        fold_bn: run a cached copy of a :class:`ValidUNet3D` with BatchNorm folded into the convolutions (fewer
+            passes over the activations, the same result to float rounding; never slower, so not probed).
         output_device: device of the returned probabilities; ``None`` = the input's device, falling back to the CPU
             when the probabilities do not fit in free CUDA memory.
-        progress: show a progress bar over batches of tiles.
+        progress: ``"auto"`` (default: when stderr is a terminal), True or False: a tqdm bar over the tiles of the
+            call with its ETA. Whatever this says, each call logs one INFO line with its tiles and seconds.
+        name: label of the progress bar and of the log line (e.g. ``"stage 1"``); default ``"tiles"``.
         activation: ``"softmax"`` (default), ``"sigmoid"`` or ``"none"`` (logits).
         margin: voxels lost per side by the network (44).
         align: shift-equivariance period of the network (8).
@@ -294,7 +358,9 @@ class ValidTiledInferer(Inferer):
     ``last_stats`` holds ``tiles_run``, ``tiles_skipped``, ``candidate_fraction``, ``seconds``, ``mode``,
     ``tile_size`` (output tile of the first pass), ``input_tile_size``, ``passes``, ``flops`` (estimated forward
     FLOPs, ``None`` for networks that do not expose ``flops``) and ``flops_per_voxel``; with a shared encoder also
-    ``shared_encoder`` (True) and ``encoder_tiles`` (tile positions whose encoder ran; ``tiles_run`` counts passes).
+    ``shared_encoder`` (True) and ``encoder_tiles`` (tile positions whose encoder ran; ``tiles_run`` counts passes);
+    ``dtype`` and ``channels_last`` of the run, and ``precision``: :meth:`Precision.as_dict` (how ``amp="auto"``
+    decided, with the probe's times) plus ``amp`` as given and ``fold_bn`` as run.
     """
 
     def __init__(
@@ -306,11 +372,11 @@ class ValidTiledInferer(Inferer):
         padding_mode: str = "constant",
         pad_value: float = 0.0,
         sw_batch_size: int = 1,
-        amp: bool = True,
-        channels_last: bool = True,
+        amp: bool | str = "auto",
+        channels_last: bool | str = "auto",
         fold_bn: bool = True,
         output_device: str | None = None,
-        progress: bool = False,
+        progress: bool | str = "auto",
         activation: str = "softmax",
         margin: int = 44,
         align: int = 8,
@@ -320,6 +386,7 @@ class ValidTiledInferer(Inferer):
         tile_overhead: float = 0.75,
         compile: bool = False,
         share_encoder: bool = True,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("aligned", "paper"):
@@ -345,11 +412,12 @@ class ValidTiledInferer(Inferer):
         self.padding_mode = padding_mode
         self.pad_value = float(pad_value)
         self.sw_batch_size = int(sw_batch_size)
-        self.amp = bool(amp)
-        self.channels_last = bool(channels_last)
-        self.fold_bn = bool(fold_bn)
+        self.amp = _auto_or_bool(amp, "amp")
+        self.channels_last = _auto_or_bool(channels_last, "channels_last")
+        self.fold_bn = as_bool(fold_bn, "fold_bn")
         self.output_device = output_device
-        self.progress = bool(progress)
+        self.progress = _auto_or_bool(progress, "progress")
+        self.name = name
         self.activation = activation
         self.margin = int(margin)
         self.align = int(align)
@@ -363,6 +431,13 @@ class ValidTiledInferer(Inferer):
         self.share_encoder = bool(share_encoder)
         self.last_stats: dict[str, Any] = {}
         self._fold_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # precision and layout of the current call (resolved from amp / channels_last by `resolve_precision`)
+        self._prec = Precision(
+            torch.bfloat16 if self.amp is True else torch.float32,
+            self.channels_last is not False,
+            "forced",
+            "not resolved yet",
+        )
         if mode == "paper":
             tile = self.tile_size or PAPER_TILE
             bad = [t for t in tile if not self._is_valid_output(t)]
@@ -524,7 +599,7 @@ class ValidTiledInferer(Inferer):
             ins = [x + 2 * self.margin + (ext if shared else 0) for x in t]
             b = self.sw_batch_size
             est = estimate_tile_bytes(
-                ins, in_channels, out_channels, features, b, elem_bytes, folded, self.channels_last, device_type
+                ins, in_channels, out_channels, features, b, elem_bytes, folded, self._prec.channels_last, device_type
             )
             return est <= budget_bytes and max_activation_elements(ins, features, 1) <= _MAX_ELEMENTS
 
@@ -652,24 +727,201 @@ class ValidTiledInferer(Inferer):
         avail = _available_ram_bytes()
         return min(4 * 2**30, 0.25 * avail) if avail else 2 * 2**30
 
-    def _compute_net(self, network: Callable, device: torch.device) -> tuple[Callable, bool, torch.dtype | None]:
-        """(module to run, whether it is the folded copy, dtype to cast tiles to or None for autocast/fp32)."""
-        use_cl = self.channels_last
+    def _build_compute(
+        self, network: Callable, dtype: torch.dtype, channels_last: bool, compile: bool | None = None
+    ) -> tuple[Callable, bool, torch.dtype | None]:
+        """(module to run, whether it is the folded copy, dtype to cast tiles to or None for autocast/fp32) for
+        ``dtype`` and the layout; the folded copy is cached per network (and refreshed when its weights change)."""
         if not (self.fold_bn and isinstance(network, ValidUNet3D)):
             return network, False, None
-        dtype = torch.bfloat16 if self.amp else torch.float32
         state = tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in network.state_dict().values())
-        key = (state, dtype, use_cl, self.compile)
+        compile = self.compile if compile is None else compile
+        key = (state, dtype, channels_last, compile)
         cached = self._fold_cache.get(network)
         if cached is not None and cached[0] == key:
             return cached[1], True, dtype
         folded = fold_batchnorm(network).to(dtype=dtype)
-        if use_cl:
+        if channels_last:
             folded = folded.to(memory_format=torch.channels_last_3d)
-        if self.compile:
+        if compile:
             folded = torch.compile(folded, dynamic=False)
         self._fold_cache[network] = (key, folded)
         return folded, True, dtype
+
+    def _compute_net(self, network: Callable, device: torch.device) -> tuple[Callable, bool, torch.dtype | None]:
+        """:meth:`_build_compute` for the precision of this call (``self._prec``)."""
+        return self._build_compute(network, self._prec.dtype, self._prec.channels_last)
+
+    def _autocast(self, device: torch.device, cast: torch.dtype | None):
+        """bfloat16 autocast for an unfolded network in bfloat16; nothing otherwise."""
+        if self._prec.dtype == torch.bfloat16 and cast is None:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def resolve_precision(self, network: Callable, device: torch.device) -> Precision:
+        """The dtype and layout for ``network`` on ``device``: forced values as given, ``"auto"`` from the device's
+        capability and (on the CPU) a short probe; cached per process (see ``amp``). Logs each new decision once."""
+        key = (
+            type(network).__name__,
+            tuple((n, tuple(t.shape), t.dtype) for n, t in network.named_parameters())
+            if isinstance(network, nn.Module)
+            else id(network),
+            str(device),
+            torch.get_num_threads(),
+            os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            self.amp,
+            self.channels_last,
+            self.fold_bn and isinstance(network, ValidUNet3D),
+            self.compile,
+        )
+        cached = _PRECISION_CACHE.get(key)
+        if cached is not None:
+            return cached
+        prec = self._decide_precision(network, device)
+        _PRECISION_CACHE[key] = prec
+        logger.info(
+            "%s: %s on %s (%s: %s)",
+            self.name or "tiles",
+            _config_name(prec.dtype, prec.channels_last),
+            device,
+            prec.source,
+            prec.reason,
+        )
+        return prec
+
+    def _decide_precision(self, network: Callable, device: torch.device) -> Precision:
+        amp, cl = self.amp, self.channels_last
+        bf16, fp32 = torch.bfloat16, torch.float32
+        if amp != "auto" and cl != "auto":
+            return Precision(bf16 if amp else fp32, bool(cl), "forced", f"amp={amp}, channels_last={cl}")
+        if device.type == "cuda":
+            ok = bool(torch.cuda.is_bf16_supported())
+            dtype = (bf16 if ok else fp32) if amp == "auto" else (bf16 if amp else fp32)
+            why = f"CUDA, bfloat16 {'supported' if ok else 'not supported'} by {torch.cuda.get_device_name(device)}"
+            return Precision(dtype, True if cl == "auto" else bool(cl), "capability", why)
+        if device.type != "cpu":
+            dtype = fp32 if amp == "auto" else (bf16 if amp else fp32)
+            return Precision(
+                dtype,
+                False if cl == "auto" else bool(cl),
+                "capability",
+                f"no measured fast path on {device.type}: float32, NCDHW unless forced",
+            )
+        native = runtime.cpu_bf16_supported()
+        if amp == "auto":
+            dtypes = [fp32, bf16] if native else [fp32]
+        else:
+            dtypes = [bf16 if amp else fp32]
+        # channels-last unless forced: oneDNN ran it as fast as NCDHW or faster in every configuration measured
+        # here but one (f = 32 under AVX2 kernels, ~10 %), and probing a second layout cost 2-5 s in a fresh process
+        # (kernel creation for new shapes), more than it could win (bundle/docs/performance.md)
+        layouts = [True] if cl == "auto" else [bool(cl)]
+        no_bf16 = (
+            "oneDNN reports no native bfloat16 on this CPU (bfloat16 convolutions would use the slow reference kernel)"
+        )
+        configs = [(d, c) for d in dtypes for c in layouts]
+        if len(configs) == 1:
+            if amp == "auto":
+                return Precision(configs[0][0], configs[0][1], "capability", no_bf16)
+            return Precision(configs[0][0], configs[0][1], "forced", f"amp={amp}, channels-last unless forced")
+        try:
+            times = self._probe(network, device, configs)
+        except Exception as e:  # noqa: BLE001 - a probe that cannot run must not stop inference: float32 then
+            logger.warning("precision probe failed (%s: %s); using float32", type(e).__name__, e)
+            return Precision(
+                fp32 if amp == "auto" else (bf16 if amp else fp32),
+                layouts[0],
+                "capability",
+                f"probe failed ({type(e).__name__})",
+            )
+        return self._choose(times, amp, native, no_bf16)
+
+    @staticmethod
+    def _choose(
+        times: dict[tuple[torch.dtype, bool], float | None], amp: bool | str, native: bool, no_bf16: str
+    ) -> Precision:
+        """The decision from probe times (seconds per run, None = not run): the fastest layout per
+        dtype; bfloat16 only when it beats the best float32 by ``_BF16_MARGIN``."""
+
+        def best(dtype):
+            got = [(t, c) for (d, c), t in times.items() if d == dtype and t is not None]
+            return min(got, key=lambda tc: tc[0]) if got else None
+
+        named = {_config_name(d, c): (None if t is None else round(t, 4)) for (d, c), t in times.items()}
+        f32, b16 = best(torch.float32), best(torch.bfloat16)
+        if f32 is not None and b16 is not None:
+            if b16[0] < _BF16_MARGIN * f32[0]:
+                why = f"bfloat16 {b16[0] * 1e3:.0f} ms vs float32 {f32[0] * 1e3:.0f} ms per run"
+                return Precision(torch.bfloat16, b16[1], "probe", why, named)
+            why = (
+                f"bfloat16 {b16[0] * 1e3:.0f} ms not at least {1 - _BF16_MARGIN:.0%} faster than float32 "
+                f"{f32[0] * 1e3:.0f} ms per run"
+            )
+            return Precision(torch.float32, f32[1], "probe", why, named)
+        dtype, (t, c) = (torch.float32, f32) if f32 is not None else (torch.bfloat16, b16)
+        if amp == "auto" and not native:
+            why = f"{no_bf16}; fastest layout {t * 1e3:.0f} ms per run"
+        elif amp == "auto":
+            why = f"bfloat16 not run; float32 {t * 1e3:.0f} ms per run"
+        else:
+            why = f"amp={amp} forced; fastest layout {t * 1e3:.0f} ms per run"
+        return Precision(dtype, c, "probe", why, named)
+
+    def probe_input_size(self) -> tuple[int, int, int]:
+        """Input of the probe: the smallest valid input grown by one pooling period, 100^3 for this U-Net (a 12^3
+        output). The smallest input (92^3, a 4^3 output) is not representative: its tiny deepest layers hit a slow
+        bfloat16 path (f = 8 on AMX: 0.37 s against 0.06 s at 100^3, where float32 takes 0.12 and 0.17 s)."""
+        n = self.min_output + self.align + 2 * self.margin
+        return (n, n, n)
+
+    def _probe(
+        self, network: Callable, device: torch.device, configs: list[tuple[torch.dtype, bool]]
+    ) -> dict[tuple[torch.dtype, bool], float | None]:
+        """Seconds per forward of each configuration on a :meth:`probe_input_size` input (the folded copy in that
+        dtype and layout, as inference runs it). Every configuration runs once as a warm-up (oneDNN creates its
+        kernels). When the fastest warm-up is ``_PROBE_CLEAR`` times faster than every other, it wins on those
+        times; otherwise the configurations within
+        ``_PROBE_DROP`` x the fastest run twice more (once when a warm-up took over a second), interleaved, and the
+        best run counts; the slower ones (the slow-kernel trap) keep their warm-up time."""
+        cin = _in_channels(network) or 1
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, cin, *self.probe_input_size(), generator=g).to(device)
+        built = {c: self._build_compute(network, *c, compile=False) for c in configs}  # eager: compiling each
+        # candidate would cost more than the whole probe
+
+        def once(c) -> float:
+            net, _, cast = built[c]
+            tile = x.to(dtype=cast or torch.float32)
+            if c[1]:
+                tile = tile.contiguous(memory_format=torch.channels_last_3d)
+            t0 = time.perf_counter()
+            with torch.no_grad(), self._autocast_for(device, c[0], cast):
+                net(tile)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - t0
+
+        first: dict = {}
+        # warm-up (oneDNN creates its kernels; a slow reference kernel shows here already), bfloat16 first
+        for c in sorted(configs, key=lambda c: (not c[1], c[0] != torch.bfloat16)):
+            first[c] = once(c)
+        fastest = min(first.values())
+        times: dict = {c: first.get(c) for c in configs}
+        live = [c for c in first if first[c] <= _PROBE_DROP * fastest]  # the others keep their warm-up time
+        ranked = sorted(first.values())
+        if len(ranked) > 1 and ranked[0] * _PROBE_CLEAR > ranked[1]:  # no clear winner from the warm-ups
+            times.update({c: math.inf for c in live})
+            rounds = 1 if fastest > 1.0 else 2  # wide networks: one timed run each keeps the probe short
+            for _ in range(rounds):  # interleaved, so that other load on the machine hits every configuration alike
+                for c in live:
+                    times[c] = min(times[c], once(c))
+        return times
+
+    @staticmethod
+    def _autocast_for(device: torch.device, dtype: torch.dtype, cast: torch.dtype | None):
+        if dtype == torch.bfloat16 and cast is None:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], mask: torch.Tensor | None = None, **kwargs
@@ -712,11 +964,14 @@ class ValidTiledInferer(Inferer):
         was_training = network.training if isinstance(network, nn.Module) else None
         if isinstance(network, nn.Module):
             network.eval()
+        if device.type == "cpu":
+            runtime.ensure_threads_configured()
         try:
+            self._prec = self.resolve_precision(network, device)
             net, folded, cast = self._compute_net(network, device)
             tile = None
             if self.mode == "aligned" and self.tile_size is None:
-                elem = 2 if self.amp else 4
+                elem = 2 if self._prec.dtype == torch.bfloat16 else 4
                 budget = self._default_budget(device, on_out_dev)
                 tile = self.choose_tile_size(
                     spatial,
@@ -758,12 +1013,23 @@ class ValidTiledInferer(Inferer):
             flops_per_voxel=None if flops is None else flops / n_vox,
             device=str(device),
             output_device=str(out_device),
-            dtype=str(cast or (torch.bfloat16 if self.amp else torch.float32)).replace("torch.", ""),
+            dtype=str(self._prec.dtype).replace("torch.", ""),
+            channels_last=self._prec.channels_last,
+            precision={**self._prec.as_dict(), "amp": self.amp, "fold_bn": folded},
             folded_bn=folded,
             oom_fallbacks=fallbacks,
             seconds=time.perf_counter() - t0,
         )
         self.last_stats = stats
+        logger.info(
+            "%s: %d tiles run, %d skipped, %.1f s (%s, %s)",
+            self.name or "tiles",
+            stats["tiles_run"],
+            stats["tiles_skipped"],
+            stats["seconds"],
+            _config_name(self._prec.dtype, self._prec.channels_last),
+            "tile " + "x".join(map(str, stats["tile_size"])),
+        )
         if meta_src is not None:
             return convert_to_dst_type(out, meta_src, device=out_device)[0]
         return MetaTensor(out)
@@ -841,12 +1107,8 @@ class ValidTiledInferer(Inferer):
         lo = [max(m - min(st[a] for p in passes for st in p.starts), 0) for a in range(3)]
         hi = [max(max(st[a] + p.tile_size[a] + m for p in passes for st in p.starts) - spatial[a], 0) for a in range(3)]
         pad = (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0])
-        use_cl = self.channels_last
-        autocast = (
-            torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-            if self.amp and cast is None
-            else nullcontext()
-        )
+        use_cl = self._prec.channels_last
+        autocast = self._autocast(device, cast)
         averaged = self.overlap > 1
         count = None
         if averaged and self.mode == "paper":
@@ -872,11 +1134,7 @@ class ValidTiledInferer(Inferer):
                 groups.append([job])
         padded = None
         padded_b = -1
-        bar = None
-        if self.progress and groups:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(groups), desc="tiles", leave=False)
+        bar = self._progress_bar(len(jobs))
         with torch.no_grad(), bar if bar is not None else nullcontext():  # the bar is closed on errors too
             for group in groups:
                 b, pi = group[0][0], group[0][1]
@@ -930,7 +1188,7 @@ class ValidTiledInferer(Inferer):
                 tiles_run += len(group)
                 runs_per_pass[pi] += len(group)
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(len(group))
         if out is None:  # nothing ran and the class count is unknown
             raise ValueError("no tile was run and the network's number of classes is unknown (no out_channels)")
         if averaged:
@@ -1009,11 +1267,7 @@ class ValidTiledInferer(Inferer):
         lo = [max(m + ext[a] - min(g[a] for g in grid), 0) for a in range(3)]
         hi = [max(max(g[a] for g in grid) + tsz[a] + m - spatial[a], 0) for a in range(3)]
         pad = (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0])
-        autocast = (
-            torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-            if self.amp and cast is None
-            else nullcontext()
-        )
+        autocast = self._autocast(device, cast)
         out = torch.zeros((batch, out_channels or net.out_channels, *spatial), dtype=torch.float32, device=out_device)
         runs_per_pass = [0] * len(passes)
         tiles_skipped = 0
@@ -1035,11 +1289,7 @@ class ValidTiledInferer(Inferer):
         rest_flops = forward_flops(in_size, cin, out.shape[1], f) - encoder_flops(in_size, cin, f)
         flops = 0
         padded_b, padded = -1, None
-        bar = None
-        if self.progress and groups:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(groups), desc="tiles", leave=False)
+        bar = self._progress_bar(sum(len(need) for _, _, need in jobs))
         with torch.no_grad(), bar if bar is not None else nullcontext():
             for group in groups:
                 b = group[0][0]
@@ -1055,7 +1305,7 @@ class ValidTiledInferer(Inferer):
                     o = [grid[k][a] - ext[a] - m + lo[a] for a in range(3)]
                     crops.append(_crop(padded, o, [n + e for n, e in zip(in_size, ext, strict=True)])[0])
                 tiles = torch.stack(crops).to(device=device, dtype=cast or torch.float32)
-                if self.channels_last:
+                if self._prec.channels_last:
                     tiles = tiles.contiguous(memory_format=torch.channels_last_3d)
                 phases = sorted(set().union(*(need for _, _, need in group)))
                 offsets = [[ext[a] - passes[pi].shift[a] for a in range(3)] for pi in phases]
@@ -1079,7 +1329,7 @@ class ValidTiledInferer(Inferer):
                     del probs
                 del logits, tiles
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(sum(len(need) for _, _, need in group))
         out /= len(passes)
         return self._finish(
             out,
@@ -1092,6 +1342,16 @@ class ValidTiledInferer(Inferer):
             shared_encoder=True,
             encoder_tiles=sum(len(g) for g in groups),
         )
+
+    def _progress_bar(self, total: int):
+        """A tqdm bar over ``total`` tiles on stderr (MONAI's style, with ETA), or None when progress is off, or
+        ``"auto"`` and stderr is not a terminal, or there is nothing to run."""
+        show = _stderr_is_tty() if self.progress == "auto" else self.progress
+        if not show or total <= 0:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=self.name or "tiles", unit="tile", file=sys.stderr, leave=True)
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         if self.activation == "softmax":
@@ -1123,6 +1383,25 @@ def _out_channels(network: Callable) -> int | None:
         if last is not None:
             return int(last.out_channels)
     return None
+
+
+def _in_channels(network: Callable) -> int | None:
+    """Number of input channels, read without a forward (``in_channels`` or the first convolution)."""
+    k = getattr(network, "in_channels", None)
+    if isinstance(k, int):
+        return k
+    if isinstance(network, nn.Module):
+        for mod in network.modules():
+            if isinstance(mod, (nn.Conv3d, nn.ConvTranspose3d)):
+                return int(mod.in_channels)
+    return None
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def _available_ram_bytes() -> int | None:

@@ -18,6 +18,10 @@ input), with random Kaiming-initialised networks at the paper's widths (the same
   components of ``train.json``) against the pure compute step (forward + loss + backward + SGD on a fixed batch).
 - **levers**: precision / memory layout / BatchNorm folding of one tile, resampling labels vs probabilities back,
   C1 on the full vs the working grid, NIfTI gzip level, and the FLOPs of mask-aware vs budget-only tile choice.
+- **precision**: float32 vs bfloat16 vs ``amp="auto"`` in one process, repeats interleaved: the whole case at the
+  demo's width and grid (``demo.json``) and one paper tile's forward at widths 8 and 32, with the machine (CPU model,
+  ISA flags, oneDNN's bfloat16 support) and what ``auto`` chose (run with ``ONEDNN_MAX_CPU_ISA=AVX2`` to see what an
+  AVX2-only CPU gets).
 - **large**: peak RAM (and GPU memory) of the project's cascade on a 512x512x1000 CT.
 
 Peak RAM is the process's high-water mark (``VmHWM``, reset before each section through ``/proc/self/clear_refs``,
@@ -56,6 +60,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import custom.inferer as inferer_mod  # noqa: E402
+from custom import runtime  # noqa: E402
 from custom.cascade import CascadeInferer  # noqa: E402
 from custom.inferer import ValidTiledInferer  # noqa: E402
 from custom.network import ValidUNet3D, forward_flops  # noqa: E402
@@ -257,7 +263,9 @@ def tile_inferers(cp, variant: str, args) -> tuple:
     """(stage-1, stage-2) inferers of a variant, as inference.json builds them (plus the variant's switches)."""
     v = VARIANTS[variant]
     r2 = v["r2"] or args.stage2_overlap
-    common = {"pad_value": cp.get_parsed_content("pad_value"), "amp": not args.fp32, "compile": args.compile}
+    common = {"pad_value": cp.get_parsed_content("pad_value"), "amp": args.amp, "compile": args.compile}
+    if args.amp != "auto":  # a forced precision runs channels-last (the fastest layout measured for both dtypes)
+        common["channels_last"] = True
     if v["mode"] == "paper":
         return (
             ValidTiledInferer(mode="paper", overlap=1, **common),
@@ -332,7 +340,17 @@ def run_cascade(case: dict, pre: dict, nets, variant: str, args, device, outdir:
         ls = inf.last_stats
         row["stages"][st] = {
             k: ls.get(k)
-            for k in ("tiles_run", "tiles_skipped", "tile_size", "input_tile_size", "passes", "flops", "seconds")
+            for k in (
+                "tiles_run",
+                "tiles_skipped",
+                "tile_size",
+                "input_tile_size",
+                "passes",
+                "flops",
+                "seconds",
+                "dtype",
+                "precision",
+            )
         }
         row["stages"][st]["encoder_tiles"] = ls.get("encoder_tiles")
     log(f"cascade {variant}: {row['total']:.1f} s, peak RAM {row['peak_ram_gb']:.2f} GB")
@@ -379,7 +397,7 @@ def paper_extrapolated(pre: dict, nets, args, device) -> dict:
     row = {"variant": "paper (extrapolated)", "stages": {}}
     for st, inf, mask, net in (("stage1", s1, c1, nets[0]), ("stage2", s2, c2, nets[1])):
         n, tile = count_tiles(inf, spatial, mask)
-        one = ValidTiledInferer(mode="paper", overlap=1, tile_size=tile, amp=not args.fp32)
+        one = ValidTiledInferer(mode="paper", overlap=1, tile_size=tile, amp=args.amp)
         x = torch.randn(1, 1, tile[0] * 2, *tile[1:], device=device)  # 2 tiles per call
         sec, _ = timed(lambda one=one, x=x, net=net: one(x, net), device, repeats=args.repeats, warmup=1)
         per_tile = sec / 2
@@ -605,8 +623,10 @@ def levers(case: dict, pre: dict, nets, args, device, outdir: Path) -> dict:
     configs = [
         ("fp32, NCDHW, BN unfolded", dict(amp=False, channels_last=False, fold_bn=False)),
         ("fp32, channels_last_3d, BN unfolded", dict(amp=False, channels_last=True, fold_bn=False)),
+        ("fp32, channels_last_3d, BN folded", dict(amp=False, channels_last=True, fold_bn=True)),
         ("bf16 autocast, channels_last_3d, BN unfolded", dict(amp=True, channels_last=True, fold_bn=False)),
-        ("bf16, channels_last_3d, BN folded (default)", dict(amp=True, channels_last=True, fold_bn=True)),
+        ("bf16, channels_last_3d, BN folded", dict(amp=True, channels_last=True, fold_bn=True)),
+        ("auto (the default)", dict()),
     ]
     if args.compile:
         configs.append(("bf16, channels_last_3d, BN folded, torch.compile", dict(compile=True)))
@@ -710,6 +730,98 @@ def levers(case: dict, pre: dict, nets, args, device, outdir: Path) -> dict:
     return out
 
 
+def _amp_list(text: str) -> list:
+    return [inferer_mod._auto_or_bool(a, "amp") for a in text.split(",") if a.strip()]
+
+
+def _min_median(xs: list[float]) -> dict:
+    return {"min": min(xs), "median": statistics.median(xs), "runs": list(xs)}
+
+
+def precision_matrix(args, device, workdir: Path) -> dict:
+    """float32 vs bfloat16 vs ``auto`` in one process: the whole case at the demo's width and grid (``demo.json``:
+    8 features, 3 mm) and one paper tile's forward at each ``--precision-widths``; a forced ``amp`` runs
+    channels-last, ``auto`` chooses the layout too; repeats interleaved (ABC ABC),
+    so that other load on the machine hits every setting alike. Every ``auto`` case starts with an empty decision
+    cache, so it pays its probe as a fresh ``monai.bundle run`` does."""
+    out: dict = {"machine": runtime.cpu_info(), "case": [], "tile": []}
+    demo = parser_for("common.json", "demo.json")
+    f_demo = 2 if args.quick else int(demo.get_parsed_content("features"))
+    spacing = [6.0] * 3 if args.quick else list(demo.get_parsed_content("target_spacing"))
+    reps = args.precision_repeats
+    case_amps = _amp_list(args.precision_case_amps)
+    if case_amps:
+        kw = {"preset": "tiny"} if args.quick else {"preset": "full", "spacing": (args.spacing,) * 3}
+        if not args.quick:
+            kw["n_slices"] = args.n_slices
+        case = write_phantom(workdir, args.seed, **kw)
+        pre = preprocess_with_label(case, spacing)
+        nets = tuple(make_net(f_demo, args.classes, s, device) for s in (1, 2))
+        sub = argparse.Namespace(**{**vars(args), "target_spacing": spacing, "features": f_demo})
+        runs: dict = {str(a): [] for a in case_amps}
+        for rep in range(reps):
+            for amp in case_amps:
+                if amp == "auto":
+                    inferer_mod._PRECISION_CACHE.clear()
+                sub.amp = amp
+                row = run_cascade(case, pre, nets, "project", sub, device, workdir / "precision")
+                runs[str(amp)].append(row)
+                log(f"precision case amp={amp} repeat {rep}: total {row['total']:.1f} s")
+        for amp in case_amps:
+            rows = runs[str(amp)]
+            st = rows[-1]["stages"]
+            out["case"].append(
+                {
+                    "amp": str(amp),
+                    "features": f_demo,
+                    "target_spacing": spacing,
+                    "working_shape": rows[-1]["working_shape"],
+                    "total": _min_median([r["total"] for r in rows]),
+                    "networks": _min_median([r["stage1"] + r["stage2"] for r in rows]),
+                    "chosen": {k: st[k].get("precision") for k in ("stage1", "stage2")},
+                    "chosen_per_run": [
+                        "/".join(str(r["stages"][k].get("dtype")) for k in ("stage1", "stage2")) for r in rows
+                    ],
+                    "load_average_1min": [r.get("load_average_1min") for r in rows],
+                }
+            )
+        del pre, nets
+        gc.collect()
+    tile = (44, 44, 28)
+    tile_amps = _amp_list(args.precision_tile_amps)
+    for f in [int(w) for w in args.precision_widths.split(",") if w.strip()]:
+        if not tile_amps:
+            break
+        net = make_net(f, args.classes, 1, device)
+        x = torch.randn(1, 1, *tile, generator=torch.Generator().manual_seed(0)).to(device)
+        infs = {
+            str(a): ValidTiledInferer(
+                mode="paper", tile_size=tile, amp=a, channels_last="auto" if a == "auto" else True
+            )
+            for a in tile_amps
+        }
+        times: dict = {k: [] for k in infs}
+        for inf in infs.values():  # warm-up (and auto's probe) untimed
+            inf(x, net)
+        for _ in range(reps + 1):
+            for k, inf in infs.items():
+                sec, _ = timed(lambda inf=inf, x=x, net=net: inf(x, net), device)
+                times[k].append(sec)
+        fl = forward_flops([t + 88 for t in tile], 1, args.classes, f)
+        for k, inf in infs.items():
+            out["tile"].append(
+                {
+                    "amp": k,
+                    "features": f,
+                    "seconds": _min_median(times[k]),
+                    "tflop_per_s": fl / min(times[k]) / 1e12,
+                    "chosen": inf.last_stats.get("precision"),
+                }
+            )
+            log(f"precision tile f={f} amp={k}: {min(times[k]):.3f} s (min)")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------- report
 def _f(v, fmt="{:.1f}"):
     return "-" if v is None else fmt.format(v)
@@ -720,7 +832,7 @@ def report(res: dict) -> str:
         f"Device: {res['device_name']}; torch {res['torch']}, monai {res['monai_version']}; {res['date']}",
         f"CT {'x'.join(map(str, res['case']['shape']))} at {res['case']['spacing']} mm "
         f"({res['case']['file_mb']:.0f} MB .nii.gz); features {res['features']}, K = {res['classes']}, "
-        f"{'fp32' if res['fp32'] else 'bf16'}; stage 2 overlap R = {res['stage2_overlap']}; C2 from {res['c2']}",
+        f"amp {res['amp']}; stage 2 overlap R = {res['stage2_overlap']}; C2 from {res['c2']}",
         "",
     ]
     cas = res.get("cascade", [])
@@ -803,6 +915,51 @@ def report(res: dict) -> str:
         for r in lv["write"]:
             L.append(f"| {r['what']} | {r['seconds']:.2f} | {r['mb']:.1f} |")
         L.append("")
+    pm = res.get("precision")
+    if pm:
+        m = pm["machine"]
+        L += [
+            "### Precision: float32 vs bfloat16 vs auto (same process, interleaved)",
+            "",
+            f"CPU {m['model']} ({m['usable_cpus']} usable cores, torch threads {m['torch_threads']}); ISA "
+            f"{' '.join(m['isa_flags']) or '-'}; ONEDNN_MAX_CPU_ISA {m['onednn_max_cpu_isa'] or 'unset'}; "
+            f"oneDNN native bf16: {m['mkldnn_bf16_supported']}",
+            "",
+        ]
+
+        def chosen(c):
+            return "-" if not c else f"{c['dtype']}, {'CL' if c['channels_last'] else 'NCDHW'} ({c['source']})"
+
+        if pm["case"]:
+            c0 = pm["case"][0]
+            L += [
+                f"Whole case (`run_case`), f = {c0['features']}, {c0['target_spacing'][0]} mm grid "
+                f"{'x'.join(map(str, c0['working_shape']))}:",
+                "",
+                "| amp | total s (min / median) | networks s (min / median) | chosen (stage 1) | load |",
+                "|---|---|---|---|---|",
+            ]
+            for r in pm["case"]:
+                loads = ", ".join(_f(v) for v in r["load_average_1min"])
+                L.append(
+                    f"| {r['amp']} | {r['total']['min']:.1f} / {r['total']['median']:.1f} | "
+                    f"{r['networks']['min']:.1f} / {r['networks']['median']:.1f} | {chosen(r['chosen']['stage1'])} "
+                    f"| {loads} |"
+                )
+            L.append("")
+        if pm["tile"]:
+            L += [
+                "One paper tile (132x132x116 input) forward:",
+                "",
+                "| features | amp | s / tile (min / median) | TFLOP/s | chosen |",
+                "|---|---|---|---|---|",
+            ]
+            for r in pm["tile"]:
+                L.append(
+                    f"| {r['features']} | {r['amp']} | {r['seconds']['min']:.3f} / {r['seconds']['median']:.3f} | "
+                    f"{r['tflop_per_s']:.3f} | {chosen(r['chosen'])} |"
+                )
+            L.append("")
     lg = res.get("large")
     if lg:
         L += [
@@ -828,7 +985,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--spacing", type=float, default=0.8, help="phantom voxel spacing (mm, all axes)")
     p.add_argument("--features", type=int, default=None, help="network width f (default 32, --quick 2)")
     p.add_argument("--classes", type=int, default=8)
-    p.add_argument("--fp32", action="store_true", help="float32 instead of bfloat16")
+    p.add_argument("--fp32", action="store_true", help="float32 everywhere (same as --amp false)")
+    p.add_argument("--amp", default="auto", help="inferer precision: auto (default, as the configs), true, false")
     p.add_argument("--compile", action="store_true", help="torch.compile the folded networks (CUDA)")
     p.add_argument("--stage1-overlap", type=int, default=1)
     p.add_argument("--stage2-overlap", type=int, default=4, help="R of stage 2 for every variant (default 4)")
@@ -841,9 +999,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--large-slices", type=int, default=1000)
     p.add_argument("--large-features", type=int, default=None, help="network width for the large CT (default f)")
     p.add_argument("--threads", type=int, default=None)
-    for s in ("cascade", "paper", "monai", "train", "levers", "large"):
+    p.add_argument("--precision-repeats", type=int, default=2, help="interleaved repeats of the precision rows")
+    p.add_argument("--precision-case-amps", default="false,true,auto", help="amp values of the whole-case rows")
+    p.add_argument("--precision-tile-amps", default="false,true,auto", help="amp values of the tile rows")
+    p.add_argument("--precision-widths", default=None, help="network widths of the tile rows (default 8,32)")
+    for s in ("cascade", "paper", "monai", "train", "levers", "precision", "large"):
         p.add_argument(f"--skip-{s}", action="store_true")
     args = p.parse_args(argv)
+    args.amp = False if args.fp32 else inferer_mod._auto_or_bool(args.amp, "amp")
+    args.precision_widths = args.precision_widths or ("2" if args.quick else "8,32")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -873,6 +1037,8 @@ def main(argv: list[str] | None = None) -> dict:
         "features": args.features,
         "classes": args.classes,
         "fp32": args.fp32,
+        "amp": args.amp,
+        "machine": runtime.cpu_info(),
         "stage2_overlap": args.stage2_overlap,
         "c2": args.c2,
         "patch": args.patch,
@@ -912,6 +1078,9 @@ def main(argv: list[str] | None = None) -> dict:
         save()
     if not args.skip_levers:
         res["levers"] = levers(case, pre, nets, args, device, workdir)
+        save()
+    if not args.skip_precision:
+        res["precision"] = precision_matrix(args, device, workdir)
         save()
     if not args.skip_large:
         del pre

@@ -41,3 +41,51 @@ def test_quick_everything(tmp_path):
     aware = choice[("stage2 (C2)", "mask-aware + shared encoder")]
     assert aware["tflop"] <= choice[("stage2 (C2)", "budget only")]["tflop"]
     assert res["large"]["case"]["shape"][2] == 100
+
+
+def test_quick_precision_rows_record_the_machine(tmp_path):
+    res = bench_cascade.main(
+        ["--quick", "--workdir", str(tmp_path), "--precision-repeats", "1", "--precision-case-amps", "false,auto"]
+        + ["--skip-cascade", "--skip-monai", "--skip-train", "--skip-levers", "--skip-large"]
+    )
+    pm = res["precision"]
+    machine = pm["machine"]
+    assert {"model", "isa_flags", "mkldnn_bf16_supported", "usable_cpus", "torch_threads"} <= set(machine)
+    assert res["machine"]["usable_cpus"] >= 1 and isinstance(machine["mkldnn_bf16_supported"], bool)
+    assert [r["amp"] for r in pm["case"]] == ["False", "auto"]
+    forced, auto = pm["case"]
+    assert forced["chosen"]["stage1"]["dtype"] == "float32" and forced["chosen"]["stage1"]["source"] == "forced"
+    assert auto["chosen"]["stage1"]["source"] in ("probe", "capability") and auto["total"]["min"] > 0
+    assert [(r["features"], r["amp"]) for r in pm["tile"]] == [(2, "False"), (2, "True"), (2, "auto")]
+    assert pm["tile"][1]["chosen"]["dtype"] == "bfloat16" and all(len(r["seconds"]["runs"]) == 2 for r in pm["tile"])
+    assert "### Precision: float32 vs bfloat16 vs auto" in res["markdown"] and "| auto |" in res["markdown"]
+
+
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
+
+
+def test_gpu_check_script_syntax():
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
+
+
+def test_gpu_check_without_cuda_says_so_and_writes_nothing(tmp_path):
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the script would run the GPU checks")
+    out = tmp_path / "out"
+    run = subprocess.run(
+        ["bash", str(GPU_CHECK), str(out)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
+        "PYTHON": sys.executable}, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 3, run.stderr
+    assert "gpu_check: no CUDA device" in run.stderr and not out.exists()
+    missing = subprocess.run(
+        ["bash", str(GPU_CHECK), str(out)], capture_output=True, text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": str(tmp_path / "no-python")}, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "no Python at" in missing.stderr

@@ -64,6 +64,10 @@ def test_output_in_input_geometry_non_ras(tmp_path, weights):
     qc = json.loads((out / "ct_lps_qc.json").read_text())
     assert qc["shape"] == list(src.shape) and 0 < qc["c1_fraction"] < 1
     assert qc["tiles"]["stage1"]["tiles_run"] >= 1
+    for stage in ("stage1", "stage2"):  # the precision amp="auto" chose, and why, is in the QC JSON
+        tiles = qc["tiles"][stage]
+        assert tiles["dtype"] in ("float32", "bfloat16") and tiles["precision"]["dtype"] == tiles["dtype"]
+        assert tiles["precision"]["source"] in ("probe", "capability") and tiles["precision"]["reason"]
     assert (out / "ct_lps_preview.png").stat().st_size > 1000
     # no silent overwrite: a second run refuses before computing anything, naming a file
     res = _run(["common.json", "inference.json"], weights, input=str(img.parent), output_dir=str(out))
