@@ -13,7 +13,7 @@ with it before each item: the patches depend only on ``seed``, whatever ``num_wo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence, Sized
+from collections.abc import Iterator, Sized
 from pathlib import Path
 
 import torch
@@ -100,11 +100,6 @@ class CandidatePrepareBatch(PrepareBatch):
         if self.candidate_key is not None and self.candidate_key in batchdata:
             extra["mask"] = batchdata[self.candidate_key].to(device=device, non_blocking=non_blocking)
         return image, label, (), extra
-
-
-def per_class_names(labels: dict[str, int]) -> Sequence[str]:
-    """Organ names in class-id order (no background), for MeanDice's ``return_with_label``."""
-    return [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
 
 
 def inference_datalist(path: str, split: str = "test", series_uid: str | None = None) -> list[dict]:
