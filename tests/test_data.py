@@ -1,4 +1,4 @@
-"""Tests for custom.data: MSD datalists, dataset verification, fold splits, command line."""
+"""Tests for custom.data and custom.verify: MSD datalists, dataset verification, fold splits, command line."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from custom.data import (
     main,
     split_folds,
     train_val_split,
-    verify_dataset,
 )
 from custom.labels import PAPER_LABELS
+from custom.verify import verify_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 AFFINE = np.array([[-0.8, 0, 0, 100.0], [0, 0.8, 0, -50.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
@@ -85,6 +85,19 @@ def test_load_datalist_resolves_paths_and_case_ids(tmp_path):
     assert test == {"image": str(tmp_path / "imagesTs" / "t1.nii.gz"), "case_id": "t1"}
     moved = load_datalist(js, base_dir="/elsewhere")
     assert moved[0]["image"] == "/elsewhere/imagesTr/case_000.nii.gz"
+
+
+@pytest.mark.parametrize("key", ["training", "test"])
+def test_load_datalist_gives_monais_paths_plus_case_ids(tmp_path, key):
+    """On a clean dataset.json, the same image/label paths as MONAI's load_decathlon_datalist, with base_dir too."""
+    from monai.data import load_decathlon_datalist
+
+    js = make_dataset(tmp_path, n=3)
+    for base in (None, "/elsewhere"):
+        ours = load_datalist(js, key=key, base_dir=base)
+        monai = load_decathlon_datalist(js, data_list_key=key, base_dir=base)
+        assert [{k: d[k] for k in ("image", "label") if k in d} for d in ours] == monai
+        assert all(d["case_id"] for d in ours)
 
 
 def test_load_datalist_test_entries_as_dicts(tmp_path):

@@ -17,11 +17,11 @@ from monai.bundle import ConfigParser
 from monai.metrics import DiceMetric
 from monai.transforms import Compose
 
-from custom.data import verify, verify_dataset
 from custom.label_presets import PRESETS, dataset_labels, get_preset, label_mapping
 from custom.labels import EXTENDED_LABELS, PAPER_LABELS
 from custom.loss import CandidateDiceCELoss, CandidateWeightedCELoss, merge_absent_logits
 from custom.metrics import dice_per_class, summarize
+from custom.verify import verify, verify_dataset
 
 SEVEN = list(PAPER_LABELS)  # artery 1, portal_vein 2, liver 3, spleen 4, stomach 5, gallbladder 6, pancreas 7
 

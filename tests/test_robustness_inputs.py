@@ -26,7 +26,7 @@ from parameterized import parameterized
 from test_io import ct_array, dicom_volume, save_nifti, write_dicom_series
 
 from custom.checkpoint import ResumeFromCheckpoint
-from custom.data import DatasetError, label_disagreements, load_datalist, verify, verify_dataset
+from custom.data import DatasetError, load_datalist
 from custom.io import (
     InputError,
     InputWarning,
@@ -39,6 +39,7 @@ from custom.io import (
     safe_case_id,
 )
 from custom.labels import PAPER_LABELS
+from custom.verify import label_disagreements, verify, verify_dataset
 from custom.workflow import inference_datalist
 
 GOOD = np.array([[-0.8, 0, 0, 100.0], [0, 0.8, 0, -50.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
@@ -651,7 +652,7 @@ def test_one_bad_training_case_is_refused_by_verification(name, breaker):
 def test_cut_files_are_found_from_their_size_without_decompressing_good_ones(tmp_path, monkeypatch):
     import gzip
 
-    from custom.data import _data_complete
+    from custom.verify import _data_complete
 
     good = save_nifti(tmp_path / "good.nii.gz", ct_array((30, 30, 30)))
     plain = save_nifti(tmp_path / "plain.nii", ct_array((30, 30, 30)))
