@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from bundle_utils import SUBPROCESS_TIMEOUT
 from parameterized import parameterized
 
 from custom.data import (
@@ -434,7 +435,7 @@ def test_cli_exits_nonzero_on_problems(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "case_001.nii.gz: label values [9] are not in the label set" in proc.stdout

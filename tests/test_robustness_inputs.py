@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import ROOT, TINY, bundle_cli, config_files, write_tiny_dataset
+from bundle_utils import ROOT, TINY, bundle_cli, config_files, save_tiny_weights, write_tiny_dataset
 from monai.bundle import ConfigParser, ConfigWorkflow
 from parameterized import parameterized
 from test_io import ct_array, dicom_volume, save_nifti, write_dicom_series
@@ -297,8 +297,6 @@ def test_folder_with_two_series_is_one_failed_case_not_the_end_of_the_batch(tmp_
 
 
 def test_dicom_batch_through_inference_json_segments_the_good_series(tmp_path, capsys):
-    from custom.network import ValidUNet3D
-
     inputs = tmp_path / "in"
     big = dicom_volume((40, 36, 24))
     write_dicom_series(inputs / "p1", big, spacing=(3.0, 3.0), slice_step=3.0, series_uid="1.2.3.1")
@@ -312,9 +310,7 @@ def test_dicom_batch_through_inference_json_segments_the_good_series(tmp_path, c
         series_uid="1.2.3.22",
         names=list("abcdefghijklmnopqrstuvwx"),
     )
-    torch.manual_seed(0)
-    weights = tmp_path / "w.pt"
-    torch.save({"network": ValidUNet3D(in_channels=1, out_channels=8, features=TINY["features"]).state_dict()}, weights)
+    weights = save_tiny_weights(tmp_path / "w.pt", kaiming=False)
     over = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
     wf = ConfigWorkflow(
         config_file=config_files("common.json", "inference.json"),
