@@ -42,16 +42,10 @@ __all__ = [
     "organ_flags",
     "BodyMask",
     "BodyMaskd",
-    "BodyMaskD",
-    "BodyMaskDict",
     "CandidateRegion",
     "CandidateRegiond",
-    "CandidateRegionD",
-    "CandidateRegionDict",
     "MaskLabel",
     "MaskLabeld",
-    "MaskLabelD",
-    "MaskLabelDict",
 ]
 
 
@@ -696,8 +690,3 @@ class MaskLabeld(MapTransform):
                 d[self.original_key] = d[key]
             d[self.output_key or key] = self.op(d[key], d[self.mask_key])
         return d
-
-
-BodyMaskD = BodyMaskDict = BodyMaskd
-CandidateRegionD = CandidateRegionDict = CandidateRegiond
-MaskLabelD = MaskLabelDict = MaskLabeld

@@ -68,7 +68,6 @@ __all__ = [
     "BestModelSaver",
     "ResumeFromCheckpoint",
     "UnsafeCheckpointError",
-    "WeightsLoader",
     "atomic_save",
     "load_checkpoint",
     "load_weights",
@@ -623,64 +622,6 @@ def load_weights(
         sd = _load_into(network, sd, strict, skip_mismatched, path)
         _module_logger.info(f"Loaded {len(sd)} tensors from {path} into {type(network).__name__}.")
     return sd
-
-
-class WeightsLoader:
-    """Ignite handler: load weights into ``network`` when the engine starts (once), failing loudly.
-
-    Meant for inference/evaluation workflows and for initialising a fine-tuning run; use
-    :class:`ResumeFromCheckpoint` to continue an interrupted training. Loading happens once per handler, so a
-    validator run every epoch by the trainer is never reset to the file's weights.
-
-    Example (config)::
-
-        {"_target_": "custom.checkpoint.WeightsLoader", "load_path": "$@bundle_root + '/models/model.pt'",
-         "network": "@network", "sha256": "auto"}
-    """
-
-    def __init__(
-        self,
-        load_path: str,
-        network: torch.nn.Module,
-        load_dict_key: str | None = None,
-        map_location: Any = "cpu",
-        sha256: str | None = None,
-        strict: bool = True,
-        skip_mismatched: bool = False,
-        name: str | None = None,
-    ) -> None:
-        if not load_path:
-            raise ValueError("WeightsLoader: load_path is empty.")
-        self.load_path = load_path
-        self.network = network
-        self.load_dict_key = load_dict_key
-        self.map_location = map_location
-        self.sha256 = sha256
-        self.strict = strict
-        self.skip_mismatched = skip_mismatched
-        self._name = name
-        self.logger = logging.getLogger(name)
-        self.loaded = False
-
-    def attach(self, engine: Engine) -> None:
-        if self._name is None:
-            self.logger = engine.logger
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine | None = None) -> None:
-        if self.loaded:
-            return
-        sd = load_weights(
-            self.load_path,
-            map_location=self.map_location,
-            expected_sha256=self.sha256,
-            strict=self.strict,
-            network=self.network,
-            key=self.load_dict_key,
-            skip_mismatched=self.skip_mismatched,
-        )
-        self.loaded = True
-        self.logger.info(f"Loaded weights from {self.load_path} ({len(sd)} tensors).")
 
 
 class ResumeFromCheckpoint:

@@ -1,9 +1,7 @@
-"""Run safety for training and inference workflows: stop on a NaN loss, seed everything, never clobber a run folder.
+"""Run safety for training and inference workflows: stop on a NaN loss, never clobber a run folder.
 
 - :class:`StopOnNaN` stops the run at the first NaN/Inf loss with a message naming the iteration and the checkpoint
   kept, and flags the engine so :class:`custom.checkpoint.AtomicCheckpointSaver` writes nothing afterwards.
-- :func:`seed_everything` / :class:`SeedEverything` seed Python, NumPy, torch (and CUDA) through MONAI's
-  ``set_determinism``, optionally with deterministic algorithms.
 - :func:`guard_output_dir` refuses a run folder that already holds checkpoints or predictions unless overwriting or
   resuming was asked for.
 """
@@ -23,7 +21,7 @@ from ignite.utils import apply_to_type
 
 from custom.checkpoint import NONFINITE_STATE_ATTR
 
-__all__ = ["RESULT_SUFFIXES", "SeedEverything", "StopOnNaN", "guard_output_dir", "seed_everything"]
+__all__ = ["RESULT_SUFFIXES", "StopOnNaN", "guard_output_dir"]
 
 #: File endings that count as results of a run (weights, checkpoints, predicted images) for :func:`guard_output_dir`.
 RESULT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".ckpt", ".ts", ".onnx", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
@@ -113,52 +111,6 @@ class StopOnNaN:
         if self.raise_error:
             raise FloatingPointError(self.message)
         engine.terminate()
-
-
-def seed_everything(seed: int = 0, deterministic: bool = False) -> int:
-    """Seed Python's ``random``, NumPy, torch and CUDA (MONAI ``set_determinism``); returns ``seed`` for configs.
-
-    ``deterministic=True`` also asks torch for deterministic algorithms (``warn_only``: 3D operations without a
-    deterministic CUDA kernel warn instead of failing) and sets ``CUBLAS_WORKSPACE_CONFIG``, which CUDA needs for
-    deterministic matrix products. MONAI's random transforms keep their own generators: call this before the
-    datasets and data loaders are built (config ``initialize``), as ``monai.data.DataLoader`` seeds them from torch.
-
-    Example (config)::
-
-        "initialize": ["$custom.handlers.seed_everything(@seed)"]
-    """
-    from monai.utils import set_determinism
-
-    seed = int(seed)
-    set_determinism(seed=seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    return seed
-
-
-class SeedEverything:
-    """Ignite handler: :func:`seed_everything` when the engine starts, offset by the iteration it starts from.
-
-    Attach it after :class:`custom.checkpoint.ResumeFromCheckpoint`: a resumed run then draws different random numbers
-    from those of the first epochs instead of replaying them (a fresh run uses ``seed`` itself).
-
-    Example::
-
-        SeedEverything(seed=42).attach(trainer)
-    """
-
-    def __init__(self, seed: int = 0, deterministic: bool = False) -> None:
-        self.seed = int(seed)
-        self.deterministic = bool(deterministic)
-        self.used_seed: int | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine | None = None) -> None:
-        offset = int(engine.state.iteration or 0) if engine is not None else 0
-        self.used_seed = seed_everything(self.seed + offset, self.deterministic)
 
 
 def _result_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:

@@ -45,8 +45,6 @@ __all__ = [
     "WEIGHTINGS",
     "class_weights",
     "ClassWeightsd",
-    "ClassWeightsD",
-    "ClassWeightsDict",
     "CandidateWeightedCELoss",
     "CandidateDiceCELoss",
     "merge_absent_logits",
@@ -428,6 +426,3 @@ class CandidateDiceCELoss(_Loss):
         else:
             dice = self.dice(logits, tgt.unsqueeze(1))
         return self.lambda_ce * ce + self.lambda_dice * dice
-
-
-ClassWeightsD = ClassWeightsDict = ClassWeightsd

@@ -25,8 +25,6 @@ from monai.transforms.traits import MultiSampleTrait
 
 __all__ = [
     "RandCandidateCropd",
-    "RandCandidateCropD",
-    "RandCandidateCropDict",
     "crop_box",
     "draw_candidate_voxels",
     "as_triple",
@@ -228,6 +226,3 @@ class RandCandidateCropd(Randomizable, MapTransform, MultiSampleTrait):
                 sample[k] = crop
             out.append(sample)
         return out
-
-
-RandCandidateCropD = RandCandidateCropDict = RandCandidateCropd

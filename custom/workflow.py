@@ -13,12 +13,12 @@ with it before each item: the patches depend only on ``seed``, whatever ``num_wo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence, Sized
+from collections.abc import Iterator, Sized
 from pathlib import Path
 
 import torch
 from monai.data.utils import set_rnd
-from monai.engines.utils import PrepareBatch
+from monai.engines.utils import PrepareBatchExtraInput
 from monai.utils import MAX_SEED, CommonKeys
 
 from custom.data import load_datalist, split_folds, train_val_split
@@ -79,32 +79,26 @@ def datalist(
     return cases[:max_cases] if max_cases else cases
 
 
-class CandidatePrepareBatch(PrepareBatch):
-    """Batch preparation for evaluators: image and label to the device, the candidate mask as the inferer's ``mask``.
+class CandidatePrepareBatch(PrepareBatchExtraInput):
+    """MONAI's ``PrepareBatchExtraInput(extra_keys={"mask": candidate_key})`` where the candidate key may be absent.
 
-    MONAI's evaluator calls ``inferer(inputs, network, *args, **kwargs)`` with what this returns, so the tiled inferer
-    skips tiles outside the candidate region and writes background there.
+    Image and label go to the device (MONAI's ``default_prepare_batch``: a label that is not a tensor, e.g. a path
+    that was not loaded, gives no target) and the candidate mask becomes the inferer's ``mask`` keyword, so the tiled
+    inferer skips tiles outside the candidate region and writes background there. A batch without ``candidate_key``
+    (or ``candidate_key=None``) is inferred everywhere. ``train.json``'s validator, whose batches always hold the
+    candidate region, uses MONAI's class directly; this is the base of :class:`custom.cascade.CascadePrepareBatch`.
     """
 
-    def __init__(self, candidate_key: str | None = "c1", image_key: str = CommonKeys.IMAGE, label_key: str = "label"):
+    label_key = CommonKeys.LABEL
+
+    def __init__(self, candidate_key: str | None = "c1"):
+        super().__init__(extra_keys={} if candidate_key is None else {"mask": candidate_key})
         self.candidate_key = candidate_key
-        self.image_key = image_key
-        self.label_key = label_key
 
     def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs):
-        image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking)
-        label = batchdata.get(self.label_key)
-        if label is not None:
-            label = label.to(device=device, non_blocking=non_blocking)
-        extra: dict = {}
-        if self.candidate_key is not None and self.candidate_key in batchdata:
-            extra["mask"] = batchdata[self.candidate_key].to(device=device, non_blocking=non_blocking)
-        return image, label, (), extra
-
-
-def per_class_names(labels: dict[str, int]) -> Sequence[str]:
-    """Organ names in class-id order (no background), for MeanDice's ``return_with_label``."""
-    return [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+        if self.candidate_key is not None and self.candidate_key not in batchdata:
+            return PrepareBatchExtraInput(extra_keys={})(batchdata, device, non_blocking, **kwargs)
+        return super().__call__(batchdata, device, non_blocking, **kwargs)
 
 
 def inference_datalist(path: str, split: str = "test", series_uid: str | None = None) -> list[dict]:

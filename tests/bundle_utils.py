@@ -1,4 +1,4 @@
-"""Helpers shared by the bundle-level tests: config paths, tiny overrides, a tiny phantom dataset."""
+"""Helpers shared by the bundle-level tests: config paths, tiny overrides, a tiny phantom dataset, tiny weights."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundle" / "configs"
+
+#: Timeout of every subprocess a test launches (a whole workflow): CI's limit is 90 minutes, and a shorter one only
+#: fails a busy machine, it does not find a bug (a hang shows as the CI timeout anyway).
+SUBPROCESS_TIMEOUT = 3000
 
 #: Overrides that make any workflow run in seconds on a 2-core CPU: a 2-feature net, the smallest useful patch,
 #: a coarse grid, one short epoch.
@@ -51,3 +55,34 @@ def bundle_cli(configs, overrides: dict, launcher: list[str] | None = None) -> l
     for k, v in overrides.items():
         cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
     return cmd
+
+
+def tiny_network(out_channels: int = 8, seed: int = 0, kaiming: bool = True, force_class: int | None = None, **kw):
+    """A ``ValidUNet3D`` of ``TINY["features"]`` features seeded with ``seed``: Kaiming-normal convolutions (PyTorch's
+    default init gives near-constant outputs through a deep narrow net) and, with ``force_class``, a head bias of
+    1e4 on that class, so it wins everywhere the network runs. ``kw`` goes to ``ValidUNet3D``."""
+    import torch
+
+    from custom.network import ValidUNet3D
+
+    torch.manual_seed(seed)
+    net = ValidUNet3D(**{"in_channels": 1, "out_channels": out_channels, "features": TINY["features"], **kw})
+    if kaiming:
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d):
+                torch.nn.init.kaiming_normal_(m.weight)
+    if force_class is not None:
+        with torch.no_grad():
+            net.head.conv.bias.zero_()
+            net.head.conv.bias[force_class] = 1e4
+    return net
+
+
+def save_tiny_weights(path: Path, **kw) -> Path:
+    """:func:`tiny_network` (``kw``) saved as ``{"network": state_dict}``, the bundle's weights format."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"network": tiny_network(**kw).state_dict()}, path)
+    return path

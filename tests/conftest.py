@@ -12,7 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CASCADE_SHARED", ROOT.parent / "shared"))
 REAL_DIR = SHARED / "data" / "real"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(2)  # fixed, not from the core count: results may not depend on the machine
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """Kaiming-initialised tiny weights (8 classes, ``TINY`` features, seed 0), written once per session."""
+    from bundle_utils import save_tiny_weights
+
+    return save_tiny_weights(tmp_path_factory.mktemp("tiny_weights") / "w.pt")
 
 
 @pytest.fixture

@@ -16,13 +16,11 @@ from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler
 from parameterized import parameterized
 
-import custom.checkpoint as ck
 from custom.checkpoint import (
     AtomicCheckpointSaver,
     BestModelSaver,
     ResumeFromCheckpoint,
     UnsafeCheckpointError,
-    WeightsLoader,
     atomic_save,
     load_checkpoint,
     load_weights,
@@ -425,10 +423,6 @@ def test_pickle_payload_is_refused_without_side_effect(tmp_path):
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.pt")):
         load_weights(tmp_path / "nope.pt", network=tiny_net())
-    engine = Engine(lambda e, b: None)
-    WeightsLoader(str(tmp_path / "nope.pt"), tiny_net()).attach(engine)
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
-        engine.run([0], max_epochs=1)
 
 
 def test_sha256_checks(tmp_path):
@@ -495,21 +489,6 @@ def test_truncated_file(tmp_path):
         load_weights(path)
 
 
-def test_weights_loader_loads_once(tmp_path):
-    src, dst = tiny_net(), tiny_net()
-    torch.save({"network": src.state_dict()}, tmp_path / "w.pt")
-    loader = WeightsLoader(str(tmp_path / "w.pt"), dst, sha256=sha256_file(tmp_path / "w.pt"))
-    engine = Engine(lambda e, b: None)
-    loader.attach(engine)
-    engine.run([0], max_epochs=1)
-    assert loader.loaded
-    assert_states_equal(dst.state_dict(), src.state_dict())
-    with torch.no_grad():
-        dst[0].weight.add_(1.0)  # e.g. training went on; a second evaluator run must not reset it
-    engine.run([0], max_epochs=1)
-    assert not torch.equal(dst[0].weight, src[0].weight)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # checksums
 
@@ -539,11 +518,6 @@ def test_checksum_errors(tmp_path):
         write_checksums(tmp_path)
     with pytest.raises(FileNotFoundError, match="write_checksums"):
         verify_checksums(tmp_path)
-
-
-def test_module_exports():
-    for name in ck.__all__:
-        assert hasattr(ck, name), name
 
 
 def bundle_config(ckpt_dir: str, resume: bool) -> dict:

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from bundle_utils import CONFIGS, ROOT, TINY, bundle_cli, config_files, write_tiny_dataset
+from bundle_utils import CONFIGS, ROOT, SUBPROCESS_TIMEOUT, TINY, bundle_cli, config_files, write_tiny_dataset
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 
@@ -55,7 +55,7 @@ def test_train_via_monai_bundle_cli_then_resume(dataset, tmp_path):
     cmd = bundle_cli(
         ["common.json", "train.json"], {**TINY, "dataset_dir": str(dataset.parent), "output_dir": str(out)}
     )
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ckpt = out / "checkpoints"
     final = torch.load(ckpt / "model_final.pt", weights_only=True)
@@ -64,7 +64,9 @@ def test_train_via_monai_bundle_cli_then_resume(dataset, tmp_path):
     assert torch.isfinite(next(iter(final["network"].values()))).all()
     assert (ckpt / "model_best.pt").is_file()
     # a second run with one more epoch resumes at the saved iteration instead of starting again
-    res = subprocess.run(cmd + ["--max_epochs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        cmd + ["--max_epochs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     last = torch.load(ckpt / "checkpoint_last.pt", weights_only=True)
     assert last["trainer"]["iteration"] == 2 * TINY["epoch_length"]

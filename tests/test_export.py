@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from bundle_utils import CONFIGS, ROOT
+from bundle_utils import CONFIGS, ROOT, SUBPROCESS_TIMEOUT
 from conftest import SHARED
 from monai.bundle import ConfigParser
 from parameterized import parameterized
@@ -352,7 +352,7 @@ def _lint(export_root: Path) -> list[tuple[str, str, str]]:
         [sys.executable, str(ZOO_CI), "lint", "--zoo_root", str(export_root), "--bundle", BUNDLE_NAME],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=SUBPROCESS_TIMEOUT,
     )
     if res.returncode == 3:
         pytest.skip(f"the zoo's format tools are not installed: {res.stdout.strip()}")
@@ -408,14 +408,14 @@ def test_zoo_inference_command_equals_the_repository_command(exported, tmp_path)
     zoo_cmd = [sys.executable, "-c", textwrap.dedent(NO_REPO), "run", "--config_file"]
     zoo_cmd += [str(exported / "configs" / "inference.json")]
     zoo_cmd += ["--bundle_root", str(exported), "--input", str(image), "--output_dir", str(tmp_path / "zoo")]
-    res = subprocess.run(zoo_cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(zoo_cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     custom_file = next(x.split(" ", 1)[1] for x in res.stdout.splitlines() if x.startswith("CUSTOM_FILE "))
     assert Path(custom_file).resolve().is_relative_to(exported.resolve()), custom_file
     files = "['bundle/configs/common.json','bundle/configs/inference.json','bundle/configs/demo.json']"
     repo_cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--input", str(image)]
     repo_cmd += ["--output_dir", str(tmp_path / "repo")]
-    res = subprocess.run(repo_cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(repo_cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     src = nib.load(str(image))
     zoo, repo = (nib.load(str(tmp_path / d / "case_z_seg.nii.gz")) for d in ("zoo", "repo"))
@@ -463,5 +463,5 @@ def test_metadata_pin_has_a_python_310_wheel(pin):
     cmd += ["--python-version", "3.10", "--only-binary=:all:", "--implementation", "cp", "--target", "/nonexistent"]
     for platform in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any"):
         cmd += ["--platform", platform]
-    res = subprocess.run([*cmd, pin], capture_output=True, text=True, timeout=600)
+    res = subprocess.run([*cmd, pin], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode == 0, f"{pin} does not install on Python 3.10: {res.stderr[-2000:]}"

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine
@@ -13,7 +11,7 @@ from parameterized import parameterized
 from test_checkpoint import TinyRun, tiny_net
 
 from custom.checkpoint import AtomicCheckpointSaver, load_checkpoint
-from custom.handlers import SeedEverything, StopOnNaN, _all_finite, _loss_from_output, guard_output_dir, seed_everything
+from custom.handlers import StopOnNaN, _all_finite, _loss_from_output, guard_output_dir
 
 
 class NaNLossAt:
@@ -99,30 +97,6 @@ def test_loss_from_output(_, output, expected):
 )
 def test_all_finite(_, value, expected):
     assert _all_finite(value) is expected
-
-
-def draws():
-    return random.random(), float(np.random.rand()), float(torch.rand(1))
-
-
-def test_seed_everything_reproduces():
-    assert seed_everything(5) == 5
-    first = draws()
-    seed_everything(5)
-    assert draws() == first
-    seed_everything(6)
-    assert draws() != first
-
-
-def test_seed_everything_handler_offsets_by_start_iteration():
-    handler = SeedEverything(seed=10)
-    engine = Engine(lambda e, b: None)
-    handler.attach(engine)
-    engine.run([0], max_epochs=1)
-    assert handler.used_seed == 10
-    engine.state.iteration = 3  # what a resumed run starts from
-    handler(engine)
-    assert handler.used_seed == 13
 
 
 GUARD_CASES = [

@@ -12,16 +12,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import ROOT, TINY, bundle_cli, config_files, write_tiny_dataset
+from bundle_utils import ROOT, SUBPROCESS_TIMEOUT, TINY, bundle_cli, config_files, save_tiny_weights, write_tiny_dataset
 from monai.bundle import ConfigParser
 from monai.metrics import DiceMetric
 from monai.transforms import Compose
 
-from custom.data import verify, verify_dataset
 from custom.label_presets import PRESETS, dataset_labels, get_preset, label_mapping
 from custom.labels import EXTENDED_LABELS, PAPER_LABELS
 from custom.loss import CandidateDiceCELoss, CandidateWeightedCELoss, merge_absent_logits
 from custom.metrics import dice_per_class, summarize
+from custom.verify import verify, verify_dataset
 
 SEVEN = list(PAPER_LABELS)  # artery 1, portal_vein 2, liver 3, spleen 4, stomach 5, gallbladder 6, pancreas 7
 
@@ -374,13 +374,13 @@ def test_btcv_layout_trains_with_only_source_labels_btcv(btcv_dataset, tmp_path)
     over = {**TINY, "dataset_dir": str(btcv_dataset), "epoch_length": 1, "val_interval": 1}
     res = subprocess.run(
         bundle_cli(["common.json", "train.json"], {**over, "output_dir": str(tmp_path / "plain")}),
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert res.returncode != 0 and "needs more classes" in res.stdout + res.stderr  # BTCV ids without the mapping
     out = tmp_path / "run"
     res = subprocess.run(
         bundle_cli(["common.json", "train.json"], {**over, "output_dir": str(out), "source_labels": "btcv"}),
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     last = torch.load(out / "checkpoints" / "checkpoint_last.pt", weights_only=True)
@@ -395,7 +395,7 @@ def test_btcv_own_label_set_sizes_the_head(btcv_dataset, tmp_path):
     over = {**TINY, "dataset_dir": str(btcv_dataset), "epoch_length": 1, "output_dir": str(out)}
     res = subprocess.run(
         bundle_cli(["common.json", "train.json"], {**over, "source_labels": "btcv", "labels": "@dataset_labels"}),
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     final = torch.load(out / "checkpoints" / "model_final.pt", weights_only=True)
@@ -411,7 +411,7 @@ def test_btcv_layout_runs_the_whole_readme_chain(btcv_dataset, tmp_path):
     ds_json = str(btcv_dataset / "dataset.json")
     res = subprocess.run(
         [sys.executable, "-m", "custom.data", "verify", "--dataset_json", ds_json, "--labels", "paper",
-         "--source_labels", "btcv"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+         "--source_labels", "btcv"], cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     assert "source_labels 'btcv'" in res.stdout
@@ -420,7 +420,9 @@ def test_btcv_layout_runs_the_whole_readme_chain(btcv_dataset, tmp_path):
 
     def run(configs, **over):
         base = tiny if "train.json" in configs else {k: v for k, v in tiny.items() if k not in TINY or "#" not in k}
-        r = subprocess.run(bundle_cli(configs, {**base, **over}), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            bundle_cli(configs, {**base, **over}), cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     run(["common.json", "train.json"], output_dir=str(s1))
@@ -437,11 +439,7 @@ def test_btcv_layout_runs_the_whole_readme_chain(btcv_dataset, tmp_path):
 
 
 def test_evaluation_dice_uses_the_mapped_labels(btcv_dataset, tmp_path):
-    torch.manual_seed(0)
-    from custom.network import ValidUNet3D
-
-    w = tmp_path / "w.pt"
-    torch.save({"network": ValidUNet3D(in_channels=1, out_channels=8, features=TINY["features"]).state_dict()}, w)
+    w = save_tiny_weights(tmp_path / "w.pt", kaiming=False)
     ev = tmp_path / "eval"
     over = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
     res = subprocess.run(
@@ -450,7 +448,7 @@ def test_evaluation_dice_uses_the_mapped_labels(btcv_dataset, tmp_path):
             {**over, "dataset_dir": str(btcv_dataset), "source_labels": "btcv", "output_dir": str(ev),
              "stage1_weights": str(w), "stage2_weights": str(w)},
         ),
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = (ev / "metrics.csv").read_text().splitlines()

@@ -54,3 +54,22 @@ def test_summarize_ignores_nan():
     s = summarize([0.5, math.nan, 0.7])
     assert s["n"] == 2 and s["mean"] == pytest.approx(0.6) and s["min"] == 0.5 and s["max"] == 0.7
     assert summarize([math.nan])["n"] == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dice_per_class_equals_monais_dice_metric(seed):
+    """The joint-histogram Dice (one pass, no one-hot volume) is MONAI's DiceMetric(ignore_empty=True) per class."""
+    import torch
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    rng = np.random.default_rng(seed)
+    k = 5
+    gt = rng.integers(0, k - 1, size=(12, 10, 8))  # class k - 1 absent from the ground truth: NaN in both
+    pred = np.where(rng.random(gt.shape) < 0.7, gt, rng.integers(0, k, size=gt.shape))
+    labels = {f"c{i}": i for i in range(1, k)}
+    ours = dice_per_class(pred, gt, labels)
+    y_pred, y = (one_hot(torch.as_tensor(a)[None, None], num_classes=k) for a in (pred, gt))
+    monai = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(y_pred, y)[0]
+    np.testing.assert_allclose(list(ours.values()), monai.double().numpy(), rtol=1e-6)
+    assert np.isnan(ours[f"c{k - 1}"])

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from bundle_utils import ROOT, TINY, bundle_cli, write_tiny_dataset
+from bundle_utils import ROOT, SUBPROCESS_TIMEOUT, TINY, bundle_cli, write_tiny_dataset
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -29,7 +29,12 @@ def _torchrun(configs, **over):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        bundle_cli(configs, over, launcher=launcher), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+        bundle_cli(configs, over, launcher=launcher),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        env=env,
     )
 
 

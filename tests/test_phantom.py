@@ -10,6 +10,7 @@ from functools import cache
 import nibabel as nib
 import numpy as np
 import pytest
+from bundle_utils import SUBPROCESS_TIMEOUT
 from parameterized import parameterized
 from scipy import ndimage
 
@@ -302,7 +303,7 @@ def test_command_line(tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "tools.phantom", "write_dataset", "--out_dir", str(out), "--n_train", "1"]
     cmd += ["--n_test", "1", "--preset", "tiny", "--labels", "extended"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert res.returncode == 0, res.stderr
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["numTraining"] == 1 and len(meta["labels"]) == 11

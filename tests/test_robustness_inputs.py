@@ -20,13 +20,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import ROOT, TINY, bundle_cli, config_files, write_tiny_dataset
+from bundle_utils import ROOT, TINY, bundle_cli, config_files, save_tiny_weights, write_tiny_dataset
 from monai.bundle import ConfigParser, ConfigWorkflow
 from parameterized import parameterized
 from test_io import ct_array, dicom_volume, save_nifti, write_dicom_series
 
 from custom.checkpoint import ResumeFromCheckpoint
-from custom.data import DatasetError, label_disagreements, load_datalist, verify, verify_dataset
+from custom.data import DatasetError, load_datalist
 from custom.io import (
     InputError,
     InputWarning,
@@ -39,6 +39,7 @@ from custom.io import (
     safe_case_id,
 )
 from custom.labels import PAPER_LABELS
+from custom.verify import label_disagreements, verify, verify_dataset
 from custom.workflow import inference_datalist
 
 GOOD = np.array([[-0.8, 0, 0, 100.0], [0, 0.8, 0, -50.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
@@ -296,8 +297,6 @@ def test_folder_with_two_series_is_one_failed_case_not_the_end_of_the_batch(tmp_
 
 
 def test_dicom_batch_through_inference_json_segments_the_good_series(tmp_path, capsys):
-    from custom.network import ValidUNet3D
-
     inputs = tmp_path / "in"
     big = dicom_volume((40, 36, 24))
     write_dicom_series(inputs / "p1", big, spacing=(3.0, 3.0), slice_step=3.0, series_uid="1.2.3.1")
@@ -311,9 +310,7 @@ def test_dicom_batch_through_inference_json_segments_the_good_series(tmp_path, c
         series_uid="1.2.3.22",
         names=list("abcdefghijklmnopqrstuvwx"),
     )
-    torch.manual_seed(0)
-    weights = tmp_path / "w.pt"
-    torch.save({"network": ValidUNet3D(in_channels=1, out_channels=8, features=TINY["features"]).state_dict()}, weights)
+    weights = save_tiny_weights(tmp_path / "w.pt", kaiming=False)
     over = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
     wf = ConfigWorkflow(
         config_file=config_files("common.json", "inference.json"),
@@ -651,7 +648,7 @@ def test_one_bad_training_case_is_refused_by_verification(name, breaker):
 def test_cut_files_are_found_from_their_size_without_decompressing_good_ones(tmp_path, monkeypatch):
     import gzip
 
-    from custom.data import _data_complete
+    from custom.verify import _data_complete
 
     good = save_nifti(tmp_path / "good.nii.gz", ct_array((30, 30, 30)))
     plain = save_nifti(tmp_path / "plain.nii", ct_array((30, 30, 30)))

@@ -9,7 +9,7 @@ import os
 import subprocess
 
 import pytest
-from bundle_utils import ROOT, TINY, bundle_cli, write_tiny_dataset
+from bundle_utils import ROOT, SUBPROCESS_TIMEOUT, TINY, bundle_cli, write_tiny_dataset
 
 #: No telemetry calls from MLflow (this machine is offline); MLFLOW_TRACKING_URI, when set, would override the store.
 OFFLINE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
@@ -26,7 +26,7 @@ def _train_cli(dataset, out, *extra: str) -> subprocess.CompletedProcess:
     )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(OFFLINE_ENV)
-    return subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=env)
 
 
 def test_mlflow_and_tensorboard_record_loss_and_metrics(dataset, tmp_path):
