@@ -212,7 +212,7 @@ def test_every_output_writer_of_custom_uses_the_atomic_helper():
     import re
 
     offenders = []
-    for name in ("cascade.py", "case_handlers.py", "postprocess.py"):
+    for name in ("cascade.py", "case_handlers.py", "postprocess.py", "evaluate.py", "preview.py", "data.py"):
         text = (ROOT / "custom" / name).read_text()
         for pattern in (r"\.write_text\(", r"open\([^)]*[\"']w", r"\.tmp[\"']", r"os\.replace\(", r"\.replace\(path\)"):
             offenders += [f"{name}: {m.group(0)}" for m in re.finditer(pattern, text)]
