@@ -557,7 +557,7 @@ class CascadeEvaluator(SupervisedEvaluator):
             seconds.update(item.get("seconds_post", {}))
             seconds["total"] = time.perf_counter() - t0 + seconds["read_preprocess"]
             out["cascade_stats"] = stats
-            out["case_warnings"] = list(caught)
+            out["case_warnings"] = json.dumps(list(caught))  # a string: decollated as it is
             out["seconds"] = seconds
             self.case_seconds[cid] = seconds
             logger.info("case %s: %.1f s", cid, seconds["total"])
