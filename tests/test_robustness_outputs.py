@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import warnings
 from collections import namedtuple
 from pathlib import Path
@@ -186,6 +187,35 @@ def test_atomic_write_leaves_neither_a_truncated_file_nor_a_temporary_one(tmp_pa
     assert json.loads(target.read_text()) == {"a": 1}
     with pytest.raises(FileExistsError, match="summary.json: file exists; pass --overwrite true"):
         atomic_write_json(target, {"a": 2}, overwrite=False)
+
+
+def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
+    """SIGTERM while the evaluator runs (``_sigterm_as_exit``) ends the write like Ctrl-C: exit 143, no temporary
+    file left beside the output (issue 12: a hidden temporary file stayed after SIGTERM)."""
+    import signal
+
+    script = (
+        "import pathlib, sys, time\n"
+        "from custom.cascade import _sigterm_as_exit\n"
+        "from custom.io import atomic_write\n"
+        "with _sigterm_as_exit():\n"
+        "    with atomic_write(sys.argv[1]) as tmp:\n"
+        "        pathlib.Path(tmp).write_text('half')\n"
+        "        print('ready', flush=True)\n"
+        "        time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "summary.json")], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert len(list(tmp_path.iterdir())) == 1  # the temporary file, being written
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=3000) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_preview_interrupted_by_ctrl_c_leaves_no_truncated_png(tmp_path, monkeypatch):
