@@ -185,8 +185,8 @@ def _keep_input_qform(path: Path, header: Any) -> None:
     are."""
     if not header or not str(path).endswith((".nii", ".nii.gz")):
         return
-    h = json.loads(header) if isinstance(header, str) else dict(header)
-    if h.get("qform") is None:
+    h = json.loads(header) if isinstance(header, str) else header  # "null" for DICOM inputs
+    if not isinstance(h, Mapping) or h.get("qform") is None:
         return
     import nibabel as nib
 
