@@ -365,3 +365,8 @@ def test_failed_preview_is_partial_not_failed(tmp_path, monkeypatch):
     wf.run()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["partial"] == [] and summary["succeeded"] == 1 and (out / "ct_preview.png").exists()
+    seg_time = (out / "ct_seg.nii.gz").stat().st_mtime_ns
+    _workflow(_over(inputs, out, w, skip_existing="True")).run()  # nothing left: no case runs, the summary says so
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == ["ct"] and summary["cases"] == 1 and summary["succeeded"] == 0, summary
+    assert (out / "ct_seg.nii.gz").stat().st_mtime_ns == seg_time
