@@ -193,7 +193,7 @@ def _keep_input_qform(path: Path, header: Any) -> None:
     img = nib.load(str(path))
     qform, qcode = np.asarray(h["qform"], dtype=np.float64), int(h["qform_code"])
     scode = int(h["sform_code"]) or 1
-    if np.allclose(img.header.get_qform(), qform) and int(img.header["qform_code"]) == qcode:
+    if np.allclose(img.header.get_qform(), qform, rtol=0.0, atol=1e-4) and int(img.header["qform_code"]) == qcode:
         if int(img.header["sform_code"]) == scode:
             return
     data = np.asanyarray(img.dataobj)
