@@ -17,12 +17,15 @@ fold, each fold's cases with the stage-1 model that did not train on them (out-o
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from monai.inferers import Inferer
 from monai.transforms import apply_transform
 
 from custom.candidates import CandidateRegiond
-from custom.io import find_input_error
+from custom.io import atomic_write_json, atomic_write_text, check_output_dir, find_input_error, remove_stale_temps
 from custom.options import as_bool
 from custom.workflow import CandidatePrepareBatch
 
@@ -281,12 +284,71 @@ class CaseDataset(Dataset):
         paths = {"image_path": str(case.get("image")), "label_path": str(case.get("label") or "")}
         t0 = time.perf_counter()
         try:
-            item = super()._transform(index)
+            with capture_warnings() as caught:
+                item = super()._transform(index)
         except Exception as e:
             err = find_input_error(e) or e  # MONAI's Compose wraps errors: report the file and the problem
             logger.debug(traceback.format_exc())
             return {"case_id": str(case.get("case_id")), **paths, "error": str(err)}
-        return {**item, **paths, "seconds_read": time.perf_counter() - t0}
+        # strings (JSON) travel through the DataLoader's collation and the decollation unchanged
+        extra = {"input_warnings": json.dumps(caught), "input_header": json.dumps(input_header(case.get("image")))}
+        return {**item, **paths, **extra, "seconds_read": time.perf_counter() - t0}
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, out: list[str]):
+        super().__init__(logging.WARNING)
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def capture_warnings(loggers: Sequence[str] = ("custom",)):
+    """Collect the messages of the warnings (``warnings.warn``: :class:`custom.io.InputWarning`, ...) and of the
+    ``logging`` warnings of ``loggers`` raised inside the block, into the yielded list, so that they can be kept with
+    the case (its QC JSON, the summary). The warnings are still shown as usual."""
+    out: list[str] = []
+    handler = _ListHandler(out)
+    logs = [logging.getLogger(n) for n in loggers]
+    for lg in logs:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield out
+    finally:
+        for lg in logs:
+            lg.removeHandler(handler)
+    for w in caught:
+        if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+            continue
+        out.append(str(w.message))
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    seen: set[str] = set()
+    out[:] = [m for m in out if not (m in seen or seen.add(m))]
+
+
+def input_header(path) -> dict | None:
+    """qform and sform of a NIfTI input as stored (matrices and codes), read from its header only; ``None`` for
+    DICOM (there the output's qform and sform are both the series' affine)."""
+    try:
+        from custom.io import nifti_case_id
+
+        if path is None or nifti_case_id(path) is None or not Path(str(path)).is_file():
+            return None
+        import nibabel as nib
+
+        hdr = nib.load(str(path)).header
+        return {
+            "qform": np.asarray(hdr.get_qform(), dtype=np.float64).tolist(),
+            "qform_code": int(hdr["qform_code"]),
+            "sform": np.asarray(hdr.get_sform(), dtype=np.float64).tolist(),
+            "sform_code": int(hdr["sform_code"]),
+        }
+    except Exception:  # the image was read: a header it cannot give again is no reason to fail the case
+        return None
 
 
 class _TimedCompose:
@@ -334,9 +396,19 @@ class CascadeEvaluator(SupervisedEvaluator):
         postprocessing: Callable | None = None,
         val_handlers: Sequence | None = None,
         overwrite: bool = False,
+        output_dir: str | None = None,
+        min_free_mb: float = 100.0,
+        skip_existing: bool = False,
         **kwargs,
     ):
         self.overwrite = as_bool(overwrite, "overwrite")
+        self.skip_existing = as_bool(skip_existing, "skip_existing")
+        self.output_dir = output_dir
+        self.min_free_mb = float(min_free_mb)
+        self.skipped: list[str] = []
+        self.partial: list[dict] = []
+        self.case_warnings: dict[str, list[str]] = {}
+        self._run_start = time.time()
         self.case_postprocessing = postprocessing
         self.case_handlers = [h for h in (val_handlers or []) if h is not None]
         self.failures: list[dict] = []
@@ -367,31 +439,96 @@ class CascadeEvaluator(SupervisedEvaluator):
     def data(self, cases: Sequence[Mapping]) -> None:
         self.data_loader.dataset.data = list(cases)
 
-    def planned_outputs(self, case_id: str) -> list[Path]:
-        parts = list(getattr(self.case_postprocessing, "transforms", [])) + self.case_handlers
+    def planned_outputs(self, case_id: str, handlers: bool = True) -> list[Path]:
+        parts = list(getattr(self.case_postprocessing, "transforms", [])) + (self.case_handlers if handlers else [])
         return [Path(p) for part in parts if hasattr(part, "planned_outputs") for p in part.planned_outputs(case_id)]
 
+    def planned_run_outputs(self) -> list[Path]:
+        """Files written once per run (``summary.json``, ``metrics.csv``, ``c2_recall_fpr.csv``)."""
+        return [
+            Path(p) for h in self.case_handlers if hasattr(h, "planned_run_outputs") for p in h.planned_run_outputs()
+        ]
+
+    def is_complete(self, case_id: str) -> bool:
+        """All planned files of the case exist; every one is written atomically, so "exists" means "complete"."""
+        planned = self.planned_outputs(case_id)
+        return bool(planned) and all(p.exists() for p in planned)
+
     def check_existing(self, cases: Sequence[Mapping] | None = None) -> None:
-        """Refuse before any computation when an output of any case already exists (unless ``overwrite``)."""
-        if self.overwrite:
-            return
+        """Refuse before any computation when an output of any case already exists (unless ``overwrite``); with
+        ``skip_existing`` the incomplete cases' own leftovers are replaced and the run's files rewritten."""
         cases = self.data if cases is None else cases
-        existing = [str(p) for c in cases for p in self.planned_outputs(str(c["case_id"])) if p.exists()]
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir, self.min_free_mb)
+        planned = [p for c in cases for p in self.planned_outputs(str(c["case_id"]))] + self.planned_run_outputs()
+        for p in planned:  # temporary files a killed run left behind (SIGKILL, power loss)
+            remove_stale_temps(p)
+        if self.overwrite or self.skip_existing:
+            return
+        existing = [str(p) for p in planned if p.exists()]
         if existing:
             raise FileExistsError(
                 f"{len(existing)} output file(s) already exist and overwrite is off (pass --overwrite true to replace "
-                f"them): {', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}"
+                f"them, or --skip_existing true to segment only the cases not complete): "
+                f"{', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}"
             )
 
+    def split_complete(self, cases: Sequence[Mapping]) -> list[dict]:
+        """With ``skip_existing``: the cases still to segment (complete ones are recorded in ``skipped``); those with
+        some outputs of an earlier run are marked to replace them."""
+        todo = []
+        for c in cases:
+            cid = str(c["case_id"])
+            if self.is_complete(cid):
+                self.skipped.append(cid)
+                continue
+            left = [str(p) for p in self.planned_outputs(cid) if p.exists()]
+            if left:
+                logger.info("case %s: incomplete outputs of an earlier run (%s) are replaced", cid, ", ".join(left))
+            todo.append({**c, "replace_partial": "yes" if left else "no"})
+        if self.skipped:
+            logger.info("%d case(s) complete from an earlier run, skipped: %s", len(self.skipped), self.skipped)
+        return todo
+
     def run(self, global_epoch: int = 1, check: bool = True) -> None:  # type: ignore[override]
+        self._run_start = time.time() - 1.0  # file times may be rounded to the second
+        all_cases = self.data
         if check:
             self.check_existing()
-        self.state.epoch_length = len(self.data_loader)  # the case list may change between runs (folds, shards)
-        super().run(global_epoch)
+        if self.skip_existing and not self.overwrite:
+            self.data = self.split_complete(all_cases)
+        try:
+            if not self.data:
+                logger.info("nothing to segment: every case is complete")
+                for h in self.case_handlers:
+                    if isinstance(h, _RunLevel):
+                        h(self)
+                return
+            self.state.epoch_length = len(self.data_loader)  # the case list may change between runs (folds, shards)
+            with _sigterm_as_exit():
+                super().run(global_epoch)
+        finally:
+            self.data = all_cases
 
-    def record_failure(self, case_id: str, image: str, error: BaseException | str) -> None:
+    def record_failure(self, case_id: str, image: str, error: BaseException | str, failed: Sequence = ()) -> None:
+        """A case that raised: ``partial`` when some of its files were written in this run (``failed``: the files of
+        the step that raised), else ``failures``."""
         if isinstance(error, BaseException):
             error = find_input_error(error) or error
+        written = [str(p) for p in self.planned_outputs(str(case_id)) if _written_since(p, self._run_start)]
+        if written:
+            missing = [str(p) for p in self.planned_outputs(str(case_id)) if str(p) not in written]
+            logger.error("case %s (%s) partial: %s written, %s failed: %s", case_id, image, written, missing, error)
+            self.partial.append(
+                {
+                    "case_id": str(case_id),
+                    "image": str(image),
+                    "written": written,
+                    "failed_files": [str(p) for p in failed] or missing,
+                    "error": str(error),
+                }
+            )
+            return
         logger.error("case %s (%s) failed: %s", case_id, image, error)
         self.failures.append({"case_id": str(case_id), "image": str(image), "error": str(error)})
 
@@ -403,7 +540,7 @@ class CascadeEvaluator(SupervisedEvaluator):
             return [{"failed": case_id}]
         t0 = time.perf_counter()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), capture_warnings() as caught:
                 output = super()._iteration(engine, batchdata)
         except Exception as e:
             logger.debug(traceback.format_exc())
@@ -420,6 +557,7 @@ class CascadeEvaluator(SupervisedEvaluator):
             seconds.update(item.get("seconds_post", {}))
             seconds["total"] = time.perf_counter() - t0 + seconds["read_preprocess"]
             out["cascade_stats"] = stats
+            out["case_warnings"] = json.dumps(list(caught))  # a string: decollated as it is
             out["seconds"] = seconds
             self.case_seconds[cid] = seconds
             logger.info("case %s: %.1f s", cid, seconds["total"])
@@ -427,11 +565,50 @@ class CascadeEvaluator(SupervisedEvaluator):
 
     def exit_if_failed(self) -> None:
         """For the config's ``finalize``: a run with failed cases exits non-zero after listing them."""
-        if self.failures:
-            lines = [f"  {f['case_id']}: {f['image']}: {f['error']}" for f in self.failures]
-            n = len({str(c["case_id"]) for c in self.data} | {f["case_id"] for f in self.failures})
-            print(f"{len(self.failures)} of {n} case(s) failed:\n" + "\n".join(lines), file=sys.stderr)
+        if self.failures or self.partial:
+            n = len({str(c["case_id"]) for c in self.data} | {f["case_id"] for f in self.failures + self.partial})
+            if self.failures:
+                lines = [f"  {f['case_id']}: {f['image']}: {f['error']}" for f in self.failures]
+                print(f"{len(self.failures)} of {n} case(s) failed:\n" + "\n".join(lines), file=sys.stderr)
+            if self.partial:
+                lines = [
+                    f"  {f['case_id']}: written {f['written']}; not written {f['failed_files']}: {f['error']}"
+                    for f in self.partial
+                ]
+                print(f"{len(self.partial)} of {n} case(s) partial:\n" + "\n".join(lines), file=sys.stderr)
             sys.exit(1)
+
+
+class _RunLevel:
+    """Marks a handler that writes once per run (``summary.json``): called directly when nothing is left to run."""
+
+
+def _written_since(path: Path, since: float) -> bool:
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """SIGTERM (``kill``, a scheduler's time limit) becomes ``SystemExit`` while the run lasts, so that the
+    temporary files of an unfinished write are removed (:func:`custom.io.atomic_write`) as after Ctrl-C."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _first(value):
@@ -475,12 +652,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 class OutOfFoldRunner:
@@ -518,7 +694,7 @@ class OutOfFoldRunner:
         output_dir: str | None = None,
     ):
         self.runner = runner
-        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.output_dir = Path(str(output_dir)) if output_dir is not None else None
         self.fold_weights = fold_weights
         self.dataset_json = dataset_json
         self.n_folds = int(n_folds)
@@ -594,7 +770,7 @@ class OutOfFoldRunner:
         }
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / f"summary{_rank_suffix()}.json").write_text(json.dumps(self.summary, indent=2))
+            atomic_write_json(self.output_dir / f"summary{_rank_suffix()}.json", self.summary)
         return self.summary
 
     def exit_if_failed(self) -> None:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from custom.cascade import _rank_suffix, write_csv
+from custom.cascade import _rank_suffix, _RunLevel, write_csv
+from custom.io import atomic_write, atomic_write_json, path_inside, safe_case_id
 from custom.metrics import candidate_recall_fpr, dice_per_class
 
 logger = logging.getLogger("custom.cascade")
@@ -44,6 +45,38 @@ def _affine(item: Mapping) -> np.ndarray:
     meta = getattr(pred, "meta", {}) or {}
     aff = meta.get("original_affine", meta.get("affine"))
     return np.asarray(_np(aff), dtype=np.float64)
+
+
+def _out(folder: Path, case_id: str, suffix: str) -> Path:
+    """``<folder>/<case_id><suffix>``, refused if the case id (from input data) would lead outside ``folder``."""
+    return path_inside(folder, f"{safe_case_id(str(case_id), 'case id')}{suffix}")
+
+
+def _json_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return [value]
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
+
+
+def case_warnings(item: Mapping, c1_fraction: float, empty: bool) -> list[str]:
+    """The warnings that matter for one case: those raised while it was read (in the DataLoader's worker,
+    ``input_warnings``) and processed (``case_warnings``), and the case's own flags: C1 empty or covering nearly
+    the whole volume, an output with no organ."""
+    out = _json_list(item.get("input_warnings", [])) + _json_list(item.get("case_warnings", []))
+    if c1_fraction == 0.0:
+        out.append("C1 (the body mask) is empty: no body found in the image; the output is background")
+    elif c1_fraction >= 0.99:
+        out.append(
+            f"C1 (the body mask) covers {100 * c1_fraction:.1f} % of the volume: no air around the body was found "
+            "(not a CT in Hounsfield units, or cropped to the body?)"
+        )
+    if empty:
+        out.append("the output is empty: no organ voxel was segmented")
+    seen: set[str] = set()
+    return [m for m in out if not (m in seen or seen.add(m))]
 
 
 def _work(item: Mapping, key: str) -> Any:
@@ -80,8 +113,9 @@ class CaseHandler:
                 record = getattr(engine, "record_failure", None)
                 if record is None:
                     raise
-                record(item.get("case_id"), item.get("image_path"), e)
-                o["failed"] = item.get("case_id")
+                cid = item.get("case_id")
+                record(cid, item.get("image_path"), e, failed=self.planned_outputs(str(cid)))
+                o["failed"] = cid
 
 
 class CaseQC(CaseHandler):
@@ -90,12 +124,12 @@ class CaseQC(CaseHandler):
     voxel are logged as a warning whether or not the file is written (``write=False``)."""
 
     def __init__(self, output_dir: str, labels: Mapping[str, int], write: bool = True):
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(str(output_dir))
         self.labels = dict(labels)
         self.write = bool(write)
 
     def planned_outputs(self, case_id: str) -> list[Path]:
-        return [self.output_dir / f"{case_id}_qc.json"] if self.write else []
+        return [_out(self.output_dir, case_id, "_qc.json")] if self.write else []
 
     def case(self, engine: Engine, item: dict) -> None:
         case_id = str(item["case_id"])
@@ -122,14 +156,23 @@ class CaseQC(CaseHandler):
             },
             "seconds": dict(item.get("seconds", {})),
         }
+        header = item.get("input_header")
+        header = json.loads(header) if isinstance(header, str) else header
+        if header:  # the input's NIfTI header as stored: both matrices and their codes
+            qc["input_qform"], qc["input_qform_code"] = header["qform"], header["qform_code"]
+            qc["input_sform"], qc["input_sform_code"] = header["sform"], header["sform_code"]
+        else:  # DICOM: one affine, from the series' geometry
+            qc["input_qform"] = qc["input_sform"] = affine.tolist()
+            qc["input_qform_code"] = qc["input_sform_code"] = None
         if qc["empty_organs"]:
             logger.warning("%s: no voxel of %s in the output", case_id, ", ".join(qc["empty_organs"]))
+        empty = bool(self.labels) and len(qc["empty_organs"]) == len(self.labels)
+        qc["warnings"] = case_warnings(item, qc["c1_fraction"], empty)
+        store = getattr(engine, "case_warnings", None)
+        if isinstance(store, dict):
+            store[case_id] = qc["warnings"]
         if self.write:
-            path = self.output_dir / f"{case_id}_qc.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(qc, indent=2))
-            tmp.replace(path)
+            atomic_write_json(_out(self.output_dir, case_id, "_qc.json"), qc)
 
 
 class CasePreview(CaseHandler):
@@ -148,7 +191,7 @@ class CasePreview(CaseHandler):
         label_key: str = "pred",
         display_window: Sequence[float] = (-160.0, 240.0),
     ):
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(str(output_dir))
         self.labels = dict(labels)
         lo, hi = (float(v) for v in hu_window)
         if not hi > lo:
@@ -159,7 +202,7 @@ class CasePreview(CaseHandler):
         self.display_window = tuple(float(v) for v in display_window)
 
     def planned_outputs(self, case_id: str) -> list[Path]:
-        return [self.output_dir / f"{case_id}_preview.png"]
+        return [_out(self.output_dir, case_id, "_preview.png")]
 
     def case(self, engine: Engine, item: dict) -> None:
         from custom.preview import save_preview
@@ -169,15 +212,16 @@ class CasePreview(CaseHandler):
         lo, hi = self.hu_window
         hu = lo + (_np(image)[0].astype(np.float32) + 1.0) * 0.5 * (hi - lo)
         lab = _np(_work(item, self.label_key))[0]
-        save_preview(
-            hu,
-            lab,
-            np.asarray(_np(image.affine), dtype=np.float64),
-            self.output_dir / f"{case_id}_preview.png",
-            label_names={v: k for k, v in self.labels.items()},
-            title=case_id,
-            window=self.display_window,
-        )
+        with atomic_write(_out(self.output_dir, case_id, "_preview.png"), suffix=".png") as tmp:
+            save_preview(
+                hu,
+                lab,
+                np.asarray(_np(image.affine), dtype=np.float64),
+                tmp,
+                label_names={v: k for k, v in self.labels.items()},
+                title=case_id,
+                window=self.display_window,
+            )
 
 
 #: What the QC JSON keeps of each stage's tiled-inferer statistics: the tiles, and the precision chosen and why.
@@ -211,7 +255,7 @@ class CaseMetrics(CaseHandler):
         radii: Sequence[int] = (0, 1, 2, 3, 4, 5, 6),
         label_mapping: Any = None,
     ):
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(str(output_dir))
         self.labels = dict(labels)
         self.label_mapping = label_mapping  # custom.label_presets.LabelMapping: label files carry a dataset's own ids
         self.stages = dict(stages or {"stage1": "stage1", "pred": "stage2"})
@@ -222,6 +266,9 @@ class CaseMetrics(CaseHandler):
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
         engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def planned_run_outputs(self) -> list[Path]:
+        return [self.output_dir / f"{n}{_rank_suffix()}.csv" for n in ("metrics", "c2_recall_fpr")]
 
     def case(self, engine: Engine, item: dict) -> None:
         import nibabel as nib
@@ -261,27 +308,36 @@ class CaseMetrics(CaseHandler):
             write_csv(self.output_dir / f"c2_recall_fpr{_rank_suffix()}.csv", self.c2_rows)
 
 
-class CaseSummary:
-    """``summary.json`` when the run completes: cases, succeeded, the failures (case, file, error) and the seconds
-    per step of every case (``summary_rank<r>.json`` when sharded)."""
+class CaseSummary(_RunLevel):
+    """``summary.json`` when the run completes: cases, succeeded, the failures (case, file, error), the partial cases
+    (files written and not), the cases skipped as complete (``--skip_existing true``), the warnings per case and the
+    seconds per step of every case (``summary_rank<r>.json`` when sharded)."""
 
     def __init__(self, output_dir: str):
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(str(output_dir))
         self.summary: dict = {}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
+    def planned_run_outputs(self) -> list[Path]:
+        return [self.output_dir / f"summary{_rank_suffix()}.json"]
+
     def __call__(self, engine: Engine) -> None:
         failures = list(getattr(engine, "failures", []))
+        partial = list(getattr(engine, "partial", []))
+        skipped = list(getattr(engine, "skipped", []))
         seconds = dict(getattr(engine, "case_seconds", {}))
-        failed_ids = {f["case_id"] for f in failures}
+        failed_ids = {f["case_id"] for f in failures + partial}
         seconds = {k: v for k, v in seconds.items() if k not in failed_ids}
+        warned = {k: v for k, v in dict(getattr(engine, "case_warnings", {})).items() if v}
         self.summary = {
-            "cases": len(seconds) + len(failures),
+            "cases": len(seconds) + len(failures) + len(partial) + len(skipped),
             "succeeded": len(seconds),
             "failed": failures,
+            "partial": partial,
+            "skipped": skipped,
+            "warnings": warned,
             "seconds": seconds,
         }
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / f"summary{_rank_suffix()}.json").write_text(json.dumps(self.summary, indent=2))
+        atomic_write_json(self.output_dir / f"summary{_rank_suffix()}.json", self.summary)

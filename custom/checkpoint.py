@@ -51,7 +51,6 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -120,22 +119,16 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
 
     A failure or kill at any point before the rename leaves the previous ``path`` untouched (the temporary file is
     removed on exceptions; after a hard kill a hidden ``.<name>.*.tmp`` file may remain, which
-    :class:`AtomicCheckpointSaver` cleans at its next start).
+    :class:`AtomicCheckpointSaver` cleans at its next start). Through :func:`custom.io.atomic_write`.
     """
+    from custom.io import atomic_write  # the bundle's one atomic-write helper
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the permissions a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     _fsync_dir(path.parent)
     return path
 

@@ -336,7 +336,9 @@ def folds(
     }
     text = json.dumps(result, indent=1)
     if output:
-        Path(output).write_text(text + "\n")
+        from custom.io import atomic_write_text
+
+        atomic_write_text(output, text + "\n")
     print(text)
 
 

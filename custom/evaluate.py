@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections import defaultdict
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import wilcoxon
 
+from custom.io import atomic_write, atomic_write_text
 from custom.metrics import summarize
 
 STAGE_TITLES = {"stage1": "Stage 1", "stage2_nol": "Stage 2: non-overlapping", "stage2": "Stage 2"}
@@ -149,8 +151,8 @@ def plot_c2_curve(curve: list[dict], path: Path) -> Path:
         for a, b in zip(fpr[:-1], fpr[1:], strict=False):  # dashed: draw every other half segment
             dr.line([a, ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2)], fill=col, width=2)
         dr.text((m + pw + 15, m + 16 * i), organ, fill=col)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    with atomic_write(path, suffix=Path(path).suffix) as tmp:
+        img.save(tmp)
     return path
 
 
@@ -181,16 +183,17 @@ def write_report(output_dir: str, labels: Mapping[str, int] | None = None) -> Pa
             if c["organ"] == "all" or c["r"] == 3
         ]
     report = out / "report.md"
-    report.write_text("\n".join(md) + "\n")
+    atomic_write_text(report, "\n".join(md) + "\n")
     print("\n".join(md))
     return report
 
 
 def _write(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 if __name__ == "__main__":

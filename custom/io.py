@@ -23,11 +23,15 @@ a checking reader: when a user-named reader raises, ``LoadImage`` silently falls
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
+import json
 import logging
 import os
+import re
 import secrets
+import shutil
 import warnings
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
@@ -84,6 +88,13 @@ __all__ = [
     "CheckedLoadImageD",
     "CheckedLoadImageDict",
     "write_nifti_safely",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "temp_name",
+    "remove_stale_temps",
+    "check_output_dir",
 ]
 
 
@@ -860,7 +871,27 @@ def load_image_checked(
         raise InputError(p, describe_read_error(e, p)) from e
     if int(img.meta.get("qform_code", 1)) == 0 and int(img.meta.get("sform_code", 1)) == 0:
         _warn(p, "NIfTI header has no orientation (qform_code = sform_code = 0): left/right may be wrong")
+    _warn_qform_sform(p)
     return img
+
+
+def _warn_qform_sform(p: Path, tol_mm: float = 0.1) -> None:
+    """Warn when the header's qform and sform (both set) place the voxels differently: viewers that prefer the qform
+    show another orientation or position than the one used here (the sform's, as nibabel and MONAI read it)."""
+    try:
+        hdr = nib.load(str(p)).header
+        if int(hdr["qform_code"]) == 0 or int(hdr["sform_code"]) == 0:
+            return
+        q, s = np.asarray(hdr.get_qform(), np.float64), np.asarray(hdr.get_sform(), np.float64)
+    except Exception:
+        return
+    diff = float(np.abs(q - s).max())
+    if diff > tol_mm:
+        _warn(
+            p,
+            f"qform and sform disagree (largest difference {diff:.3g}; qform_code {int(hdr['qform_code'])}, "
+            f"sform_code {int(hdr['sform_code'])}): the sform is used; viewers that read the qform show it elsewhere",
+        )
 
 
 class CheckedLoadImage(Transform):
@@ -1154,23 +1185,12 @@ def write_nifti_safely(
         raise ValueError(f"{p}: affine must be a finite, invertible 4x4 matrix, got\n{aff}")
     if p.exists() and not overwrite:
         raise FileExistsError(f"{p}: file exists; pass overwrite=True to replace it")
-    p.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(data, aff)
     img.set_sform(aff, code=1)
     img.set_qform(aff, code=1)
     suffix = ".nii.gz" if p.name.lower().endswith(".nii.gz") else ".nii"
-    tmp = str(p.parent / f".{p.name}.{secrets.token_hex(6)}.tmp{suffix}")
-    # created here with mode 0o666 minus the umask, as a plain open() would (mkstemp would leave it private: 0o600)
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        nib.save(img, tmp)
-        if overwrite:
-            os.replace(tmp, p)
-        else:
-            _link_no_clobber(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(p, overwrite=overwrite, suffix=suffix) as tmp:
+        nib.save(img, str(tmp))
     return p
 
 
@@ -1184,3 +1204,120 @@ def _link_no_clobber(tmp: str, p: Path) -> None:
         if p.exists():
             raise FileExistsError(f"{p}: file exists; pass overwrite=True to replace it") from None
         os.replace(tmp, p)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Atomic writing: the one helper every writer of the bundle's outputs uses
+# ----------------------------------------------------------------------------------------------------------------------
+
+_TEMP_RE = r"\.{name}\.[0-9a-f]{{12}}\.tmp(\..*)?"
+
+
+def temp_name(path: str | os.PathLike, suffix: str = "") -> Path:
+    """The hidden temporary file beside ``path`` that :func:`atomic_write` writes first:
+    ``.<name>.<12 hex>.tmp<suffix>``; :func:`remove_stale_temps` recognises the pattern (left after a hard kill)."""
+    p = Path(path)
+    return p.parent / f".{p.name}.{secrets.token_hex(6)}.tmp{suffix}"
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of ``path`` that a killed run left (``.<name>.<12 hex>.tmp*``); returns them."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        return []
+    pattern = re.compile(_TEMP_RE.format(name=re.escape(p.name)))
+    removed = []
+    for q in p.parent.glob(f".{glob_escape(p.name)}.*.tmp*"):
+        if pattern.fullmatch(q.name) and q.is_file():
+            logger.warning("removing an unfinished temporary file left by an interrupted run: %s", q)
+            q.unlink(missing_ok=True)
+            removed.append(q)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, overwrite: bool = True, suffix: str = ""):
+    """Context manager yielding the path of a temporary file beside ``path``; on a normal exit it is moved into place
+    (``os.replace``; with ``overwrite=False`` by a hard link that fails if ``path`` exists, ``FileExistsError``).
+
+    A reader never sees a half-written ``path``. The temporary file is removed on any exception, ``KeyboardInterrupt``
+    and ``SystemExit`` included; after a hard kill it may remain, named as :func:`temp_name` says, and
+    :func:`remove_stale_temps` (called by the inference before it writes) removes it. ``suffix`` is appended to the
+    temporary name for writers that choose the format from the extension (``.nii.gz``, ``.png``).
+
+    >>> with atomic_write("out/summary.json") as tmp:  # doctest: +SKIP
+    ...     tmp.write_text("{}")
+    """
+    p = Path(path).expanduser()
+    if p.exists() and not overwrite:
+        raise FileExistsError(f"{p}: file exists; pass --overwrite true to replace it")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(p, suffix)
+    # created with mode 0o666 minus the umask, as a plain open() would (mkstemp would leave it private: 0o600)
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        yield tmp
+        if overwrite:
+            os.replace(tmp, p)
+        else:
+            _link_no_clobber(str(tmp), p)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> Path:
+    """``data`` into ``path`` through :func:`atomic_write` (fsynced before the rename)."""
+    with atomic_write(path, overwrite=overwrite) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, overwrite: bool = True) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n", overwrite=overwrite)
+
+
+def check_output_dir(path: Any, min_free_mb: float = 100.0, option: str = "output_dir") -> Path:
+    """The output folder, checked before any case is computed: created if missing; refused (``ValueError`` naming
+    ``--<option>``) if it is a file, cannot be created or written (a probe file is created and removed), or has less
+    than ``min_free_mb`` MB free. ``path`` may be a number (``--output_dir 20241201`` reaches the config as an int)."""
+    if path is None or isinstance(path, bool) or not isinstance(path, (str, int, os.PathLike)):
+        raise ValueError(f"--{option} must be a folder path, got {path!r}")
+    p = Path(str(path)).expanduser()
+    if not str(path).strip():
+        raise ValueError(f"--{option} must be a folder path, got an empty string")
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--{option} {p}: exists and is not a folder; pass another --{option}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--{option} {p}: cannot be created ({e.strerror or e}); pass another --{option}") from e
+    try:
+        fd, probe = _probe(p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--{option} {p}: not writable ({e.strerror or e}); pass another --{option}") from e
+    free_mb = shutil.disk_usage(p).free / 2**20
+    if free_mb < float(min_free_mb):
+        raise ValueError(
+            f"--{option} {p}: only {free_mb:.0f} MB free on its disk, below the {float(min_free_mb):g} MB the outputs "
+            f"may need (min_free_mb); free some space or pass another --{option}"
+        )
+    return p
+
+
+def _probe(folder: Path) -> tuple[int, str]:
+    probe = str(folder / f".write_probe.{secrets.token_hex(6)}")
+    return os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), probe

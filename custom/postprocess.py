@@ -18,8 +18,8 @@ through ``inference.json``'s ``label_postprocessing`` hook, and names the output
 
 from __future__ import annotations
 
+import json
 import os
-import secrets
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd, MapTransform, SaveImaged
 
 from custom.cascade import nearest_to_input_grid
-from custom.io import _link_no_clobber
+from custom.io import atomic_write, path_inside, safe_case_id
 
 __all__ = ["ToInputGridd", "SaveCased"]
 
@@ -150,14 +150,15 @@ class SaveCased(SaveImaged):
         )
         if len(self.keys) != 1:
             raise ValueError(f"SaveCased writes one key per file name, got {self.keys}: use one SaveCased per key")
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(str(output_dir))  # --output_dir 20241201 arrives as an int
         self.output_postfix = output_postfix
         self.output_ext = output_ext
         self.case_key = case_key
         self.overwrite = as_bool(overwrite, "overwrite")
 
     def path(self, case_id: str) -> Path:
-        return self.output_dir / f"{case_id}_{self.output_postfix}{self.output_ext}"
+        name = f"{safe_case_id(str(case_id), 'case id')}_{self.output_postfix}{self.output_ext}"
+        return path_inside(self.output_dir, name)
 
     def planned_outputs(self, case_id: str) -> list[Path]:
         return [self.path(case_id)]
@@ -165,21 +166,38 @@ class SaveCased(SaveImaged):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         case_id = d[self.case_key]
+        # a case recomputed by --skip_existing true whose earlier outputs were incomplete replaces them
+        overwrite = self.overwrite or d.get("replace_partial") == "yes"
         for key in self.key_iterator(d):
             path = self.path(str(case_id))
-            if path.exists() and not self.overwrite:
-                raise FileExistsError(f"{path}: file exists; pass --overwrite true to replace it")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            base = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"  # the writer appends output_ext
-            tmp = f"{base}{self.output_ext}"
-            try:
+            with atomic_write(path, overwrite=overwrite, suffix=self.output_ext) as tmp:
                 img = d[key]
-                self.saver(img=img, meta_data=img.meta if isinstance(img, MetaTensor) else None, filename=str(base))
-                if self.overwrite:
-                    os.replace(tmp, path)
-                else:
-                    _link_no_clobber(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+                base = str(tmp)[: -len(self.output_ext)]  # the writer appends output_ext
+                self.saver(img=img, meta_data=img.meta if isinstance(img, MetaTensor) else None, filename=base)
+                _keep_input_qform(tmp, d.get("input_header"))
         return d
+
+
+def _keep_input_qform(path: Path, header: Any) -> None:
+    """Give the written NIfTI the input's qform and the codes of its qform and sform (MONAI's writer sets both to the
+    affine with code 1). Only for NIfTI inputs (``input_header`` from :class:`custom.cascade.CaseDataset`) whose
+    header differs from what was written; the data are on the input's grid, so the input's matrices apply as they
+    are."""
+    if not header or not str(path).endswith((".nii", ".nii.gz")):
+        return
+    h = json.loads(header) if isinstance(header, str) else header  # "null" for DICOM inputs
+    if not isinstance(h, Mapping) or h.get("qform") is None:
+        return
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    qform, qcode = np.asarray(h["qform"], dtype=np.float64), int(h["qform_code"])
+    scode = int(h["sform_code"]) or 1
+    if np.allclose(img.header.get_qform(), qform, rtol=0.0, atol=1e-4) and int(img.header["qform_code"]) == qcode:
+        if int(img.header["sform_code"]) == scode:
+            return
+    data = np.asanyarray(img.dataobj)
+    out = nib.Nifti1Image(data, img.affine, header=img.header)
+    out.set_sform(img.affine, code=scode)
+    out.set_qform(qform, code=qcode)
+    nib.save(out, str(path))

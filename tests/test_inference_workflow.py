@@ -290,7 +290,7 @@ def test_a_handler_error_fails_that_case_only(tmp_path):
     bad = {**good, "case_id": "bad", "image_path": "bad.nii.gz", "pred": torch.zeros(1, 5, 4, 4)}
     engine = SimpleNamespace(
         state=SimpleNamespace(output=[bad, good, {"failed": "earlier"}], batch=[{}, {}, {}]),
-        record_failure=lambda case, image, e: failures.append((case, image, str(e))),
+        record_failure=lambda case, image, e, **_: failures.append((case, image, str(e))),
     )
     handler = CaseMetrics(str(tmp_path), {"liver": 3})
     handler(engine)
