@@ -81,12 +81,8 @@ __all__ = [
     "check_ct_volume",
     "CheckCT",
     "CheckCTd",
-    "CheckCTD",
-    "CheckCTDict",
     "CheckedLoadImage",
     "CheckedLoadImaged",
-    "CheckedLoadImageD",
-    "CheckedLoadImageDict",
     "write_nifti_safely",
     "atomic_write",
     "atomic_write_bytes",
@@ -944,9 +940,6 @@ class CheckedLoadImaged(MapTransform):
         return d
 
 
-CheckedLoadImageD = CheckedLoadImageDict = CheckedLoadImaged
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Checking a loaded volume
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1112,9 +1105,6 @@ class CheckCTd(MapTransform):
                 path = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
             d[key] = self.checker(d[key], path)
         return d
-
-
-CheckCTD = CheckCTDict = CheckCTd
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import ROOT, TINY, bundle_cli, write_tiny_dataset
+from bundle_utils import ROOT, SUBPROCESS_TIMEOUT, TINY, bundle_cli, write_tiny_dataset
 
 from custom.network import ValidUNet3D
 from tools.phantom import generate_phantom
@@ -31,7 +31,9 @@ def weights(tmp_path_factory):
 def _run(configs, weights, **over):
     base = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
     over = {**base, "stage1_weights": str(weights), "stage2_weights": str(weights), "stage2_overlap": 2, **over}
-    return subprocess.run(bundle_cli(configs, over), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        bundle_cli(configs, over), cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT
+    )
 
 
 def test_output_in_input_geometry_non_ras(tmp_path, weights):
@@ -114,7 +116,7 @@ def test_shipped_demo_weights_segment_an_unseen_phantom(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run(
         bundle_cli(["common.json", "inference.json", "demo.json"], {"input": str(img), "output_dir": str(out)}),
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     seg = nib.load(str(out / "ct_seg.nii.gz"))

@@ -472,9 +472,10 @@ def test_out_of_memory_falls_back_to_smaller_tiles_with_the_same_result():
     error = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB")
     net = _net(1)
     x = torch.randn(1, 1, 40, 20, 12, generator=torch.Generator().manual_seed(1))
-    ref = ValidTiledInferer(amp=False, fold_bn=False)(x, net).as_tensor()
+    ref = ValidTiledInferer(amp=False, fold_bn=False, memory_budget_mb=1e6)(x, net).as_tensor()
     wrapped = OOMAbove(net, max_voxels=1_200_000, error=error)  # the whole volume (132 x 108 x 100) does not fit
-    inferer = ValidTiledInferer(amp=False, sw_batch_size=2)
+    # an explicit budget: the default (a quarter of the available RAM) chose other tiles on a machine with less free RAM
+    inferer = ValidTiledInferer(amp=False, sw_batch_size=2, memory_budget_mb=1e6)
     with _log_records("custom.inferer") as records:
         got = inferer(x, wrapped).as_tensor()
     steps = inferer.last_stats["oom_fallbacks"]
@@ -491,9 +492,9 @@ def test_cuda_out_of_memory_moves_stitching_to_the_cpu_then_halves_tiles():
     try:
         net = _net(1)
         x = torch.randn(1, 1, 40, 20, 12, generator=torch.Generator().manual_seed(1))
-        ref = ValidTiledInferer(amp=False, fold_bn=False)(x, net).as_tensor()
+        ref = ValidTiledInferer(amp=False, fold_bn=False, memory_budget_mb=1e6)(x, net).as_tensor()
         wrapped = OOMAbove(net.cuda(), max_voxels=1_200_000, error=torch.OutOfMemoryError("CUDA out of memory"))
-        inferer = ValidTiledInferer(amp=False)
+        inferer = ValidTiledInferer(amp=False, memory_budget_mb=1e6)
         got = inferer(x.cuda(), wrapped)
     finally:
         torch.backends.cudnn.allow_tf32 = allow_tf32
