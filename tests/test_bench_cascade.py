@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_cascade  # noqa: E402
 
 
+@pytest.mark.slow  # a smoke run of a benchmark / evidence script (~10-20 s): -m slow
 def test_quick_cascade_rows(tmp_path):
     out = tmp_path / "bench.json"
     res = bench_cascade.main(

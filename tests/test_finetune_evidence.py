@@ -7,6 +7,7 @@ import csv
 import json
 import sys
 
+import pytest
 import torch
 from bundle_utils import ROOT, TINY
 
@@ -18,6 +19,7 @@ from custom.labels import EXTENDED_LABELS  # noqa: E402
 from custom.network import ValidUNet3D  # noqa: E402
 
 
+@pytest.mark.slow  # a smoke run of a benchmark / evidence script (~10-20 s): -m slow
 def test_finetune_evidence_tiny(tmp_path):
     pretrained = tmp_path / "stage1_paper_labels.pt"
     torch.manual_seed(0)
