@@ -933,7 +933,7 @@ def report(res: dict) -> str:
         if pm["case"]:
             c0 = pm["case"][0]
             L += [
-                f"Whole case (`run_case`), f = {c0['features']}, {c0['target_spacing'][0]} mm grid "
+                f"Whole case (inference.json's evaluator), f = {c0['features']}, {c0['target_spacing'][0]} mm grid "
                 f"{'x'.join(map(str, c0['working_shape']))}:",
                 "",
                 "| amp | total s (min / median) | networks s (min / median) | chosen (stage 1) | load |",
