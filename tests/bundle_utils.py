@@ -86,3 +86,28 @@ def save_tiny_weights(path: Path, **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"network": tiny_network(**kw).state_dict()}, path)
     return path
+
+
+def run_inference(inputs: Path, out: Path, weights: Path, files: list[str] | None = None, **over):
+    """``files`` (default ``common.json`` + ``inference.json``) run in this process with the tiny network, ``weights``
+    for both stages and a non-overlapping stage 2 (no logging.conf: pytest keeps the log records); ``over`` overrides.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=files or config_files("common.json", "inference.json"),
+        workflow_type=None,
+        logging_file=False,
+        **{
+            **{k: TINY[k] for k in ("features", "patch_size", "target_spacing")},
+            "input": str(inputs),
+            "output_dir": str(out),
+            "stage1_weights": str(weights),
+            "stage2_weights": str(weights),
+            "stage2_overlap": 1,
+            **over,
+        },
+    )
+    wf.initialize()
+    wf.run()
+    return wf

@@ -10,12 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import TINY, config_files
+from bundle_utils import TINY, config_files, run_inference, save_tiny_weights
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import MetaTensor
 from scipy import ndimage
 
-from custom.network import ValidUNet3D
 from tools.phantom import generate_phantom
 
 NET = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
@@ -24,34 +23,11 @@ K = 8
 
 def _weights(path: Path, force_class: int) -> Path:
     """A 2-feature network whose head bias makes ``force_class`` win everywhere it runs."""
-    torch.manual_seed(0)
-    net = ValidUNet3D(in_channels=1, out_channels=K, features=TINY["features"])
-    with torch.no_grad():
-        net.head.conv.bias.zero_()
-        net.head.conv.bias[force_class] = 1e4
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"network": net.state_dict()}, path)
-    return path
+    return save_tiny_weights(path, out_channels=K, kaiming=False, force_class=force_class)
 
 
 def _infer(files, inputs: Path, out: Path, weights: Path, **over) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        config_file=files,
-        workflow_type=None,
-        logging_file=False,
-        **{
-            **NET,
-            "input": str(inputs),
-            "output_dir": str(out),
-            "stage1_weights": str(weights),
-            "stage2_weights": str(weights),
-            "stage2_overlap": 1,
-            **over,
-        },
-    )
-    wf.initialize()
-    wf.run()
-    return wf
+    return run_inference(inputs, out, weights, files=files, **over)
 
 
 def _ct_with_a_second_body(folder: Path) -> tuple[Path, np.ndarray]:

@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import ROOT, TINY, config_files, write_tiny_dataset
+from bundle_utils import ROOT, TINY, config_files, run_inference, save_tiny_weights, tiny_network, write_tiny_dataset
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import DataLoader, Dataset
@@ -49,39 +49,12 @@ K = 8  # classes of the default (paper) label set
 
 def tiny_weights(path: Path, force_class: int | None = None, seed: int = 0) -> Path:
     """Weights of a 2-feature network: Kaiming-random, or a head bias that makes ``force_class`` win everywhere."""
-    torch.manual_seed(seed)
-    net = ValidUNet3D(in_channels=1, out_channels=K, features=TINY["features"])
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d):
-            torch.nn.init.kaiming_normal_(m.weight)
-    if force_class is not None:
-        with torch.no_grad():
-            net.head.conv.bias.zero_()
-            net.head.conv.bias[force_class] = 1e4
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"network": net.state_dict()}, path)
-    return path
+    return save_tiny_weights(path, out_channels=K, seed=seed, force_class=force_class)
 
 
 def infer(inputs: Path, out: Path, weights: Path, **over) -> ConfigWorkflow:
     """``common.json`` + ``inference.json`` run in this process (no logging.conf: pytest keeps the log records)."""
-    wf = ConfigWorkflow(
-        config_file=config_files("common.json", "inference.json"),
-        workflow_type=None,
-        logging_file=False,
-        **{
-            **NET_OVERRIDES,
-            "input": str(inputs),
-            "output_dir": str(out),
-            "stage1_weights": str(weights),
-            "stage2_weights": str(weights),
-            "stage2_overlap": 1,
-            **over,
-        },
-    )
-    wf.initialize()
-    wf.run()
-    return wf
+    return run_inference(inputs, out, weights, **over)
 
 
 def train_workflow(dataset: Path, out: Path, **over) -> ConfigWorkflow:
@@ -415,12 +388,7 @@ def test_existing_training_folder(_, over, error):
 
 
 def _net(seed: int = 0, k: int = 3) -> ValidUNet3D:
-    torch.manual_seed(seed)
-    net = ValidUNet3D(out_channels=k, features=2)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d):
-            torch.nn.init.kaiming_normal_(m.weight)
-    return net.eval()
+    return tiny_network(out_channels=k, seed=seed).eval()
 
 
 class OOMAbove(torch.nn.Module):
