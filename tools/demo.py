@@ -41,8 +41,13 @@ def main(
     epochs_stage2: int = 12,
     fresh: bool = False,
     phantoms_only: bool = False,
+    preset: str = "varied",
 ) -> int:
-    """Run the demo in ``workdir`` (``--fresh`` deletes it first; ``--phantoms_only`` stops after the data)."""
+    """Run the demo in ``workdir`` (``--fresh`` deletes it first; ``--phantoms_only`` stops after the data).
+
+    ``preset``: the phantoms' ``tools.phantom`` preset; ``"varied"`` (the shipped weights' training data: fields of
+    view, contrast and texture variety) or ``"demo"`` (the fixed upper-abdomen phantoms of releases up to 0.3.0).
+    """
     from custom.preview import save_preview  # noqa: F401  (imported early: fail fast if Pillow is missing)
     from tools.phantom import write_dataset
 
@@ -56,7 +61,7 @@ def main(
     if not dataset_json.is_file():
         print(f"[demo] writing {n_train} training and {n_test} test phantoms to {data_dir}", flush=True)
         t0 = time.perf_counter()
-        write_dataset(data_dir, n_train=n_train, n_test=n_test, seed=seed, preset="demo")
+        write_dataset(data_dir, n_train=n_train, n_test=n_test, seed=seed, preset=preset)
         print(f"[demo] phantoms written in {time.perf_counter() - t0:.1f} s", flush=True)
     else:
         print(f"[demo] reusing the phantom dataset in {data_dir}", flush=True)

@@ -19,12 +19,14 @@ The package, in the order a case is made (``generate.generate_phantom``):
 
 ============== ==========================================================================================
 ``params``     every per-case number, drawn from the seed in a fixed order
+``variety``    ``varied`` preset only: field of view, contrast, texture and shape variety (own generator)
 ``anatomy``    landmarks and organ positions; builds ``vessels``, ``gut`` and ``organs``
 ``organs``     the organ table (``ORGANS``: one ``OrganSpec`` per labelled organ), its shapes and calibration
 ``vessels``    arteries, caval and portal systems, hepatic veins (spline centre lines with radii)
 ``gut``        oesophagus, duodenum, colon, small-bowel loops
 ``body``       torso outline, fat, abdominal wall, diaphragm
 ``skeleton``   spine, ribs, pelvis
+``pelvis``     ``varied`` preset, pelvic fields of view: bladder, rectum, femoral heads (unlabelled)
 ``geometry``   implicit surfaces (ellipsoids, swept spheres, smooth unions) and smooth random fields
 ``render``     the canvas (tissue and owner maps), painting order, label map
 ``tissues``    tissue classes, HU ranges and textures, owner structures

@@ -43,6 +43,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "z_extent": (240.0, 330.0),
         "max_slices": 160,
     },
+    "varied": {  # the demo grid with the variety of ``tools.phantom.variety`` (fields of view, contrast, texture)
+        "matrix": 128,
+        "spacing": (2.4, 3.6),
+        "slice_spacing": (2.5, 3.0, 3.5, 4.0, 5.0),
+        "z_extent": (240.0, 330.0),
+        "max_slices": 200,
+        "variety": True,
+    },
     "tiny": {
         "matrix": 64,
         "spacing": (5.5, 7.0),
@@ -106,6 +114,12 @@ def resolve_grid(acq: dict, a_half: float, cfg: dict, overrides: dict, g: dict, 
             raise ValueError(f"n_slices must be >= 1, got {nz}")
     elif "z_extent" in overrides:
         nz = max(1, int(round(float(overrides["z_extent"]) / sz)))
+    elif acq.get("fov_top") is not None:  # drawn by tools.phantom.variety: the top, and the bottom unless None
+        top = float(acq["fov_top"])
+        bottom = acq.get("fov_bottom")
+        if bottom is None:
+            bottom = min(top - acq["z_extent"], z_lo_needed)
+        nz = min(int(math.ceil((top - float(bottom)) / sz)) + 1, int(cfg["max_slices"]))  # keep the top
     else:
         nz = int(math.ceil(max(acq["z_extent"], top - z_lo_needed) / sz)) + 1
         if nz > int(cfg["max_slices"]):
@@ -137,6 +151,9 @@ def hu_image(cv: Canvas, hu: dict, phase: str, y_vb: float, acq: dict, spacing, 
     if phase == "arterial":  # heterogeneous ("zebra") spleen and mixing in the IVC
         ac[T["spleen"]] = 22.0
         ac[T["caval_blood"]] = 20.0
+    for name, gain in (acq.get("texture_gain") or {}).items():  # ``varied`` preset: per-case texture strength
+        af[T[name]] *= gain
+        ac[T[name]] *= gain
     lo = np.array([cv.xs[0], cv.ys[0], cv.zs[0]]) - 5
     hi = np.array([cv.xs[-1], cv.ys[-1], cv.zs[-1]]) + 5
     fine = Field(child_rng(seed, "texture_fine"), lo, hi, 2.5)

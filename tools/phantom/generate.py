@@ -13,6 +13,7 @@ from tools.phantom.acquisition import OVERRIDES, PHASES, PRESETS, hu_image, orie
 from tools.phantom.anatomy import Anatomy
 from tools.phantom.params import sample_params
 from tools.phantom.render import Canvas, labels_from_owner, render, volumes_ml
+from tools.phantom.variety import sample_variety
 
 #: Version of the generator, recorded in every case's parameters and in ``dataset.json``; bumped when a seed's
 #: phantom changes.
@@ -60,7 +61,8 @@ def generate_phantom(seed: int, labels="paper", preset: str = "demo", **override
         labels: what ``custom.labels.resolve_labels`` accepts (default: the paper's seven, K = 8 with background).
             Structures outside the set are drawn all the same and get label 0.
         preset: ``"full"`` (512x512, 0.6-0.9 mm, 0.5-2.5 mm slices), ``"demo"`` (128x128 over the same field of view,
-            2.4-3.6 mm, 2.5-5 mm slices) or ``"tiny"`` (64x64, ~6 mm, for unit tests).
+            2.4-3.6 mm, 2.5-5 mm slices), ``"varied"`` (the demo grid with the fields of view, contrast, texture and
+            shape variety of ``tools.phantom.variety``) or ``"tiny"`` (64x64, ~6 mm, for unit tests).
         overrides: see ``OVERRIDES`` (matrix, spacing, slice_spacing, n_slices, z_extent, orientation, phase,
             noise_std, recon_circle). They replace drawn values without changing any other draw.
 
@@ -84,6 +86,9 @@ def generate_phantom(seed: int, labels="paper", preset: str = "demo", **override
             acq[key] = overrides[key]
     if acq["phase"] not in PHASES:
         raise ValueError(f"phase must be one of {list(PHASES)}, got {acq['phase']!r}")
+    variety = sample_variety(seed, g, acq) if cfg.get("variety") else None
+    if variety is not None and "noise_std" in overrides:
+        acq["noise_std"] = overrides["noise_std"]
     flips = orientation_flips(acq["orientation"])
     acq["orientation"] = acq["orientation"].upper()
     an = Anatomy(seed, g)
@@ -122,4 +127,6 @@ def generate_phantom(seed: int, labels="paper", preset: str = "demo", **override
         "target_volumes_ml": {k: round(v, 1) for k, v in g["targets_ml"].items()},
         "hu": {k: v for k, v in hu.items()},
     }
+    if variety is not None:
+        params["variety"] = variety
     return Phantom(image=image, label=label, affine=affine, labels=dict(label_map), params=params)

@@ -16,6 +16,7 @@ import numpy as np
 from tools.phantom.geometry import Field, ellipsoid, eval_coarse, frame, smoothstep, spline, tube
 from tools.phantom.gut import bowel_paths
 from tools.phantom.organs import ORGANS, Organ, OrganSpec
+from tools.phantom.pelvis import paint_pelvic_organs
 from tools.phantom.skeleton import paint_pelvis, paint_ribs, paint_spine
 from tools.phantom.tissues import OWN, OWNERS, VESSEL_PROTECTED, T
 
@@ -77,6 +78,7 @@ def render(an: Anatomy, cv: Canvas) -> None:
     paint_small_bowel(an, cv)
     paint_organs(an, cv)
     paint_gi_tubes(an, cv)
+    paint_pelvic_organs(an, cv)  # only in fields of view that reach the pelvis (``varied`` preset)
     paint_vessels(an, cv)
 
 
