@@ -196,7 +196,7 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
 
     script = (
         "import pathlib, sys, time\n"
-        "from custom.cascade import _sigterm_as_exit\n"
+        "from custom.evaluator import _sigterm_as_exit\n"
         "from custom.io import atomic_write\n"
         "with _sigterm_as_exit():\n"
         "    with atomic_write(sys.argv[1]) as tmp:\n"
