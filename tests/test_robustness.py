@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import ROOT, TINY, config_files, run_inference, save_tiny_weights, tiny_network, write_tiny_dataset
+from bundle_utils import ROOT, TINY, config_files, run_inference, save_tiny_weights, tiny_network
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import DataLoader, Dataset
@@ -96,8 +96,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return write_tiny_dataset(tmp_path_factory.mktemp("phantoms"), n_train=3, n_test=1)
+def dataset(tiny_dataset) -> Path:
+    return tiny_dataset(n_train=3, n_test=1)  # shared, read-only: tests that change it work on copy_dataset
 
 
 def copy_dataset(dataset: Path, dst: Path) -> Path:
