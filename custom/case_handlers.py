@@ -1,7 +1,7 @@
 """Ignite handlers of the inference workflow (``inference.json``): per-case QC JSON, preview, metrics, C2 recall rows,
 and the run's summary.
 
-Each per-case handler runs on ``ITERATION_COMPLETED`` of :class:`custom.cascade.CascadeEvaluator`, after the
+Each per-case handler runs on ``ITERATION_COMPLETED`` of :class:`custom.evaluator.CascadeEvaluator`, after the
 postprocessing, on the decollated output items (label maps already back on the input grid, the working-grid copies
 under ``<key>_work``). Items of failed cases are skipped; an error inside a handler fails that case only (logged,
 recorded, the run goes on and exits non-zero). Handlers that write files name them in ``planned_outputs(case_id)``,
@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from custom.cascade import _rank_suffix, _RunLevel, write_csv
+from custom.evaluator import RunLevel, rank_suffix, write_csv
 from custom.io import atomic_write, atomic_write_json, path_inside, safe_case_id
 from custom.metrics import candidate_recall_fpr, dice_per_class
 
-logger = logging.getLogger("custom.cascade")
+logger = logging.getLogger(__name__)
 
 __all__ = ["CaseHandler", "CaseQC", "CasePreview", "CaseMetrics", "CaseSummary"]
 
@@ -268,7 +268,7 @@ class CaseMetrics(CaseHandler):
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def planned_run_outputs(self) -> list[Path]:
-        return [self.output_dir / f"{n}{_rank_suffix()}.csv" for n in ("metrics", "c2_recall_fpr")]
+        return [self.output_dir / f"{n}{rank_suffix()}.csv" for n in ("metrics", "c2_recall_fpr")]
 
     def case(self, engine: Engine, item: dict) -> None:
         import nibabel as nib
@@ -303,12 +303,12 @@ class CaseMetrics(CaseHandler):
     def write(self, engine: Engine | None = None) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.metrics_rows:
-            write_csv(self.output_dir / f"metrics{_rank_suffix()}.csv", self.metrics_rows)
+            write_csv(self.output_dir / f"metrics{rank_suffix()}.csv", self.metrics_rows)
         if self.c2_rows:
-            write_csv(self.output_dir / f"c2_recall_fpr{_rank_suffix()}.csv", self.c2_rows)
+            write_csv(self.output_dir / f"c2_recall_fpr{rank_suffix()}.csv", self.c2_rows)
 
 
-class CaseSummary(_RunLevel):
+class CaseSummary(RunLevel):
     """``summary.json`` when the run completes: cases, succeeded, the failures (case, file, error), the partial cases
     (files written and not), the cases skipped as complete (``--skip_existing true``), the warnings per case and the
     seconds per step of every case (``summary_rank<r>.json`` when sharded)."""
@@ -321,7 +321,7 @@ class CaseSummary(_RunLevel):
         engine.add_event_handler(Events.COMPLETED, self)
 
     def planned_run_outputs(self) -> list[Path]:
-        return [self.output_dir / f"summary{_rank_suffix()}.json"]
+        return [self.output_dir / f"summary{rank_suffix()}.json"]
 
     def __call__(self, engine: Engine) -> None:
         failures = list(getattr(engine, "failures", []))
@@ -340,4 +340,4 @@ class CaseSummary(_RunLevel):
             "warnings": warned,
             "seconds": seconds,
         }
-        atomic_write_json(self.output_dir / f"summary{_rank_suffix()}.json", self.summary)
+        atomic_write_json(self.output_dir / f"summary{rank_suffix()}.json", self.summary)

@@ -386,26 +386,16 @@ class CandidateDiceCELoss(_Loss):
             num_classes, weighting, ignore_index, weights_key=weights_key, absent_classes=absent_classes
         )
         self.absent_classes = self.ce.absent_classes
+        dice = dict(
+            include_background=include_background,
+            squared_pred=squared_pred,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+        )
         # with absent classes: Dice over the merged background and the labelled classes (probabilities given)
-        self.dice_merged = DiceLoss(
-            include_background=include_background,
-            to_onehot_y=False,
-            softmax=False,
-            squared_pred=squared_pred,
-            smooth_nr=smooth_nr,
-            smooth_dr=smooth_dr,
-            batch=batch,
-        )
-        self.dice = DiceLoss(
-            include_background=include_background,
-            to_onehot_y=True,
-            softmax=True,
-            squared_pred=squared_pred,
-            smooth_nr=smooth_nr,
-            smooth_dr=smooth_dr,
-            batch=batch,
-            ignore_index=int(ignore_index),
-        )
+        self.dice_merged = DiceLoss(to_onehot_y=False, softmax=False, **dice)
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, ignore_index=int(ignore_index), **dice)
         self.lambda_dice = float(lambda_dice)
         self.lambda_ce = float(lambda_ce)
 

@@ -180,7 +180,7 @@ class SaveCased(SaveImaged):
 
 def _keep_input_qform(path: Path, header: Any) -> None:
     """Give the written NIfTI the input's qform and the codes of its qform and sform (MONAI's writer sets both to the
-    affine with code 1). Only for NIfTI inputs (``input_header`` from :class:`custom.cascade.CaseDataset`) whose
+    affine with code 1). Only for NIfTI inputs (``input_header`` from :class:`custom.evaluator.CaseDataset`) whose
     header differs from what was written; the data are on the input's grid, so the input's matrices apply as they
     are."""
     if not header or not str(path).endswith((".nii", ".nii.gz")):

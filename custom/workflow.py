@@ -44,7 +44,7 @@ def datalist(
     ``fold`` (0 .. ``n_folds`` - 1) replaces the hold-out split by k-fold cross-validation
     (:func:`custom.data.split_folds`): ``"val"`` is fold ``fold``, ``"train"`` every other fold. Training one stage-1
     model per fold gives each case a model that never saw it, for out-of-fold C2
-    (:class:`custom.cascade.OutOfFoldRunner`).
+    (:class:`custom.out_of_fold.OutOfFoldRunner`).
 
     Example::
 
@@ -86,7 +86,7 @@ class CandidatePrepareBatch(PrepareBatchExtraInput):
     that was not loaded, gives no target) and the candidate mask becomes the inferer's ``mask`` keyword, so the tiled
     inferer skips tiles outside the candidate region and writes background there. A batch without ``candidate_key``
     (or ``candidate_key=None``) is inferred everywhere. ``train.json``'s validator, whose batches always hold the
-    candidate region, uses MONAI's class directly; this is the base of :class:`custom.cascade.CascadePrepareBatch`.
+    candidate region, uses MONAI's class directly; this is the base of :class:`custom.evaluator.CascadePrepareBatch`.
     """
 
     label_key = CommonKeys.LABEL

@@ -688,7 +688,7 @@ def levers(case: dict, pre: dict, nets, args, device, outdir: Path) -> dict:
     # 4. C1 on the working grid (what the config does) vs on the full-resolution grid
     from monai.transforms import LoadImaged, Orientationd
 
-    from custom.candidates import BodyMaskd
+    from custom.body_mask import BodyMaskd
 
     full = Orientationd("image", "RAS")(LoadImaged("image", ensure_channel_first=True)({"image": case["image"]}))
     spacing_t = next(t for t in cp.get_parsed_content("preprocessing_transforms") if type(t).__name__ == "Spacingd")

@@ -88,9 +88,10 @@ def save_tiny_weights(path: Path, **kw) -> Path:
     return path
 
 
-def run_inference(inputs: Path, out: Path, weights: Path, files: list[str] | None = None, **over):
+def run_inference(inputs: Path | None, out: Path, weights: Path, files: list[str] | None = None, **over):
     """``files`` (default ``common.json`` + ``inference.json``) run in this process with the tiny network, ``weights``
     for both stages and a non-overlapping stage 2 (no logging.conf: pytest keeps the log records); ``over`` overrides.
+    ``inputs=None`` leaves ``input`` to the configs (``evaluate.json``: the dataset's test list).
     """
     from monai.bundle import ConfigWorkflow
 
@@ -100,7 +101,7 @@ def run_inference(inputs: Path, out: Path, weights: Path, files: list[str] | Non
         logging_file=False,
         **{
             **{k: TINY[k] for k in ("features", "patch_size", "target_spacing")},
-            "input": str(inputs),
+            **({} if inputs is None else {"input": str(inputs)}),
             "output_dir": str(out),
             "stage1_weights": str(weights),
             "stage2_weights": str(weights),

@@ -23,6 +23,24 @@ def tiny_weights(tmp_path_factory) -> Path:
     return save_tiny_weights(tmp_path_factory.mktemp("tiny_weights") / "w.pt")
 
 
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """``tiny_dataset(n_train, n_test, **kw)``: :func:`bundle_utils.write_tiny_dataset` (tiny phantoms, seed 0), written
+    once per session for each set of arguments and shared by every module that asks for the same one. Read-only:
+    a test that changes files works on a copy."""
+    from bundle_utils import write_tiny_dataset
+
+    made: dict[tuple, Path] = {}
+
+    def get(n_train: int = 3, n_test: int = 1, **kw) -> Path:
+        key = (n_train, n_test, *sorted(kw.items()))
+        if key not in made:
+            made[key] = write_tiny_dataset(tmp_path_factory.mktemp("phantoms"), n_train=n_train, n_test=n_test, **kw)
+        return made[key]
+
+    return get
+
+
 @pytest.fixture
 def real_dir() -> Path:
     if not REAL_DIR.is_dir():

@@ -1,56 +1,44 @@
 """Cascade inference through the real ``inference.json`` / ``evaluate.json``: outputs in the input's geometry, QC,
-intermediate outputs, no silent overwrite, a bad case skipped with a non-zero exit, the evaluation tables."""
+intermediate outputs, no silent overwrite, a bad case skipped with a non-zero exit, the evaluation tables.
+
+The workflows run in this process (:func:`bundle_utils.run_inference`: the same configs, parsed and run by MONAI's
+``ConfigWorkflow`` as ``python -m monai.bundle run`` does); one test runs the real command line for its exit code."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from bundle_utils import ROOT, SUBPROCESS_TIMEOUT, TINY, bundle_cli, write_tiny_dataset
+from bundle_utils import ROOT, SUBPROCESS_TIMEOUT, TINY, bundle_cli, config_files, run_inference, write_tiny_dataset
+from monai.bundle import ConfigWorkflow
 
-from custom.network import ValidUNet3D
 from tools.phantom import generate_phantom
 
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    net = ValidUNet3D(in_channels=1, out_channels=8, features=TINY["features"])
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d):
-            torch.nn.init.kaiming_normal_(m.weight)
-    path = tmp_path_factory.mktemp("w") / "w.pt"
-    torch.save({"network": net.state_dict()}, path)
-    return path
+#: stage 2 with overlap 2, so that evaluation also has its non-overlapping variant
+OVERLAP = {"stage2_overlap": 2}
 
 
-def _run(configs, weights, **over):
-    base = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
-    over = {**base, "stage1_weights": str(weights), "stage2_weights": str(weights), "stage2_overlap": 2, **over}
-    return subprocess.run(
-        bundle_cli(configs, over), cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT
-    )
+def _messages(e: BaseException | None) -> str:
+    out = []
+    while e is not None:
+        out.append(str(e))
+        e = e.__cause__ or e.__context__
+    return " | ".join(out)
 
 
-def test_output_in_input_geometry_non_ras(tmp_path, weights):
+def test_output_in_input_geometry_non_ras(tmp_path, tiny_weights):
     p = generate_phantom(5, preset="tiny", orientation="LPS")
     assert nib.aff2axcodes(p.affine) == ("L", "P", "S")
     img = tmp_path / "in" / "ct_lps.nii.gz"
     img.parent.mkdir()
     p.save(img, tmp_path / "lab.nii.gz")
     out = tmp_path / "out"
-    res = _run(
-        ["common.json", "inference.json"],
-        weights,
-        input=str(img.parent),
-        output_dir=str(out),
-        save_outputs=["qc", "c1", "stage1", "c2", "preview"],
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    wf = run_inference(img.parent, out, tiny_weights, save_outputs=["qc", "c1", "stage1", "c2", "preview"], **OVERLAP)
+    wf.finalize()  # exits non-zero if the case failed
     seg = nib.load(str(out / "ct_lps_seg.nii.gz"))
     src = nib.load(str(img))
     assert seg.shape == src.shape
@@ -72,33 +60,43 @@ def test_output_in_input_geometry_non_ras(tmp_path, weights):
         assert tiles["precision"]["source"] in ("probe", "capability") and tiles["precision"]["reason"]
     assert (out / "ct_lps_preview.png").stat().st_size > 1000
     # no silent overwrite: a second run refuses before computing anything, naming a file
-    res = _run(["common.json", "inference.json"], weights, input=str(img.parent), output_dir=str(out))
-    assert res.returncode != 0 and "ct_lps_seg.nii.gz" in (res.stdout + res.stderr)
+    before = (out / "ct_lps_seg.nii.gz").stat().st_mtime_ns
+    with pytest.raises(Exception) as e:
+        run_inference(img.parent, out, tiny_weights, **OVERLAP)
+    assert "ct_lps_seg.nii.gz" in _messages(e.value) and "already exist" in _messages(e.value)
+    assert (out / "ct_lps_seg.nii.gz").stat().st_mtime_ns == before
 
 
-def test_bad_case_is_skipped_and_run_fails(tmp_path, weights):
+def test_bad_case_is_skipped_and_run_fails(tmp_path, tiny_weights):
+    """The real command line: the bad case is named, the good one written, and the exit code is non-zero."""
     good = generate_phantom(6, preset="tiny")
     folder = tmp_path / "in"
     folder.mkdir()
     good.save(folder / "good.nii.gz", tmp_path / "lab.nii.gz")
     (folder / "bad.nii.gz").write_bytes((folder / "good.nii.gz").read_bytes()[:300])  # truncated gzip
-    res = _run(["common.json", "inference.json"], weights, input=str(folder), output_dir=str(tmp_path / "out"))
+    net = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
+    over = {**net, "stage1_weights": str(tiny_weights), "stage2_weights": str(tiny_weights), **OVERLAP}
+    over.update(input=str(folder), output_dir=str(tmp_path / "out"))
+    res = subprocess.run(
+        bundle_cli(["common.json", "inference.json"], over),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert res.returncode != 0
     assert "bad.nii.gz" in res.stderr and "1 of 2 case(s) failed" in res.stderr
     assert (tmp_path / "out" / "good_seg.nii.gz").is_file()
 
 
-def test_evaluate_writes_tables(tmp_path, weights):
+def test_evaluate_writes_tables(tmp_path, tiny_weights):
     ds = write_tiny_dataset(tmp_path / "ds", n_train=1, n_test=2)
     out = tmp_path / "eval"
-    res = _run(
-        ["common.json", "inference.json", "evaluate.json"], weights, dataset_dir=str(ds.parent), output_dir=str(out)
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    files = config_files("common.json", "inference.json", "evaluate.json")
+    wf = run_inference(None, out, tiny_weights, files=files, dataset_dir=str(ds.parent), **OVERLAP)
+    wf.finalize()  # writes the report; exits non-zero if a case failed
     report = (out / "report.md").read_text()
     assert "Stage 1" in report and "Stage 2: non-overlapping" in report and "Wilcoxon" in report
-    import csv
-
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert {r["stage"] for r in rows} == {"stage1", "stage2", "stage2_nol"} and len(rows) == 6
     curve = list(csv.DictReader(open(out / "c2_curve.csv")))
@@ -114,11 +112,18 @@ def test_shipped_demo_weights_segment_an_unseen_phantom(tmp_path):
     img = tmp_path / "ct.nii.gz"
     p.save(img, tmp_path / "lab.nii.gz")
     out = tmp_path / "out"
-    res = subprocess.run(
-        bundle_cli(["common.json", "inference.json", "demo.json"], {"input": str(img), "output_dir": str(out)}),
-        cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # the command itself (python -m monai.bundle run with demo.json) is run by
+    # tests/test_export.py::test_zoo_inference_command_equals_the_repository_command; here it runs in this process
+    wf = ConfigWorkflow(
+        config_file=config_files("common.json", "inference.json", "demo.json"),
+        workflow_type=None,
+        logging_file=False,
+        input=str(img),
+        output_dir=str(out),
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
     seg = nib.load(str(out / "ct_seg.nii.gz"))
     np.testing.assert_allclose(seg.affine, nib.load(str(img)).affine, atol=1e-4)
     pred = np.asarray(seg.dataobj)

@@ -8,13 +8,13 @@ import subprocess
 
 import pytest
 import torch
-from bundle_utils import CONFIGS, ROOT, SUBPROCESS_TIMEOUT, TINY, bundle_cli, config_files, write_tiny_dataset
+from bundle_utils import CONFIGS, ROOT, SUBPROCESS_TIMEOUT, TINY, bundle_cli, config_files
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return write_tiny_dataset(tmp_path_factory.mktemp("phantoms"), n_train=3, n_test=1)
+def dataset(tiny_dataset):
+    return tiny_dataset(n_train=3, n_test=1)
 
 
 def _workflow(files, tmp_path, dataset, workflow_type="train", **over):

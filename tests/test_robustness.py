@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import ROOT, TINY, config_files, run_inference, save_tiny_weights, tiny_network, write_tiny_dataset
+from bundle_utils import ROOT, TINY, config_files, run_inference, save_tiny_weights, tiny_network
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import DataLoader, Dataset
@@ -96,8 +96,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return write_tiny_dataset(tmp_path_factory.mktemp("phantoms"), n_train=3, n_test=1)
+def dataset(tiny_dataset) -> Path:
+    return tiny_dataset(n_train=3, n_test=1)  # shared, read-only: tests that change it work on copy_dataset
 
 
 def copy_dataset(dataset: Path, dst: Path) -> Path:
@@ -110,17 +110,19 @@ def copy_dataset(dataset: Path, dst: Path) -> Path:
 
 
 @contextmanager
-def _log_records(name: str) -> Iterator[list[logging.LogRecord]]:
-    """Records emitted on logger ``name`` inside the block (independent of propagation and pytest's capture)."""
+def _log_records(*names: str) -> Iterator[list[logging.LogRecord]]:
+    """Records emitted on the loggers ``names`` inside the block (independent of propagation and pytest's capture)."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger(name)
-    logger.addHandler(handler)
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         yield records
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
 
 
 def test_oblique_affine_output_in_input_geometry(tmp_path):
@@ -211,7 +213,7 @@ def test_empty_or_border_c2_gives_a_valid_output(_, force_class):
         (tmp / "in").mkdir()
         p.save(tmp / "in" / "ct.nii.gz", tmp / "label.nii.gz")
         out = tmp / "out"
-        with _log_records("custom.cascade") as records:
+        with _log_records("custom.cascade", "custom.case_handlers") as records:
             infer(tmp / "in", out, tiny_weights(tmp / "w" / "w.pt", force_class), save_outputs=["c1", "c2", "qc"])
         seg = np.asarray(nib.load(out / "ct_seg.nii.gz").dataobj)
         c1 = np.asarray(nib.load(out / "ct_c1.nii.gz").dataobj) > 0
@@ -298,7 +300,7 @@ def _share_dataset(dataset):
 
 
 def test_empty_input_list_is_an_error(tmp_path):
-    from custom.cascade import CaseDataset
+    from custom.evaluator import CaseDataset
     from custom.workflow import inference_datalist
 
     with pytest.raises(ValueError, match="input list is empty"):

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import ROOT, TINY, bundle_cli, config_files, save_tiny_weights, write_tiny_dataset
+from bundle_utils import ROOT, TINY, bundle_cli, config_files, save_tiny_weights
 from monai.bundle import ConfigParser, ConfigWorkflow
 from parameterized import parameterized
 from test_io import ct_array, dicom_volume, save_nifti, write_dicom_series
@@ -59,8 +59,8 @@ def cause(error: BaseException, kind: type[BaseException]) -> BaseException:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return write_tiny_dataset(tmp_path_factory.mktemp("phantoms"), n_train=3, n_test=1)
+def dataset(tiny_dataset) -> Path:
+    return tiny_dataset(n_train=3, n_test=1)  # shared, read-only: tests that change it work on copy_dataset
 
 
 def copy_dataset(dataset: Path, dst: Path) -> Path:

@@ -85,16 +85,22 @@ def _messages(e: BaseException | None) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_output_dir_that_is_a_file_or_a_number_through_the_command_line(tmp_path):
-    """CLI: an existing file as ``--output_dir`` is refused naming the option, before any case; ``--output_dir
-    20241201`` (fire makes it an int) is a folder of that name."""
+def test_output_dir_that_is_a_file_or_a_number_through_the_command_line(tmp_path, monkeypatch):
+    """An existing file as ``--output_dir`` is refused naming the option, before any case (in this process); CLI:
+    ``--output_dir 20241201`` (fire makes it an int) is a folder of that name."""
+    import custom.cascade
+
     inputs, w = _inputs(tmp_path / "in"), _weights(tmp_path / "w.pt")
     taken = tmp_path / "taken"
     taken.write_text("not a folder")
-    res = _cli(_over(inputs, taken, w))
-    assert res.returncode != 0
-    assert f"--output_dir {taken}: exists and is not a folder" in res.stderr, res.stderr[-3000:]
-    assert "case ct:" not in res.stderr, "a case was computed before the output folder was checked"
+    with monkeypatch.context() as m:
+        computed = []
+        m.setattr(custom.cascade.CascadeInferer, "__call__", lambda *a, **k: computed.append(1))
+        with pytest.raises(Exception) as e:
+            _workflow(_over(inputs, taken, w)).run()
+    text = " | ".join(_messages(e.value))
+    assert f"--output_dir {taken}: exists and is not a folder" in text, text
+    assert computed == [], "a case was computed before the output folder was checked"
     assert taken.read_text() == "not a folder"
 
     res = _cli({**_over(inputs, "x", w), "output_dir": 20241201}, cwd=tmp_path)
@@ -146,22 +152,25 @@ def test_read_only_or_full_output_dir_refused_before_any_case(tmp_path, monkeypa
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_earlier_summary_is_not_replaced_through_the_command_line(tmp_path):
-    """CLI: a folder holding an earlier run's ``summary.json`` (and nothing else) is refused naming it; the file is
-    kept byte for byte. ``--overwrite true`` replaces it."""
+def test_earlier_summary_is_not_replaced(tmp_path):
+    """A folder holding an earlier run's ``summary.json`` (and nothing else) is refused naming it; the file is kept
+    byte for byte. ``overwrite`` ``"true"`` (the text the command line passes) replaces it. In this process: the
+    command line's refusal and exit code are checked by ``test_skip_existing_resumes_through_the_command_line``."""
     inputs, w = _inputs(tmp_path / "in"), _weights(tmp_path / "w.pt")
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.json").write_text('{"earlier": true}')
     stale = temp_name(out / "ct_preview.png", ".png")  # left by an earlier run killed by SIGKILL
     stale.write_bytes(b"\x89PNG partial")
-    res = _cli(_over(inputs, out, w))
-    assert res.returncode != 0
-    assert "summary.json" in res.stderr and "--overwrite true" in res.stderr, res.stderr[-3000:]
+    with pytest.raises(Exception) as e:
+        _workflow(_over(inputs, out, w)).run()
+    text = " | ".join(_messages(e.value))
+    assert "summary.json" in text and "--overwrite true" in text, text
     assert (out / "summary.json").read_text() == '{"earlier": true}'
     assert not (out / "ct_seg.nii.gz").exists()
-    res = _cli(_over(inputs, out, w, overwrite="true"))
-    assert res.returncode == 0, res.stderr[-3000:]
+    wf = _workflow(_over(inputs, out, w, overwrite="true"))
+    wf.run()
+    wf.parser.get_parsed_content("evaluator").exit_if_failed()
     assert json.loads((out / "summary.json").read_text())["succeeded"] == 1
     assert not stale.exists(), "the killed run's temporary file is removed"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
@@ -196,7 +205,7 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
 
     script = (
         "import pathlib, sys, time\n"
-        "from custom.cascade import _sigterm_as_exit\n"
+        "from custom.evaluator import _sigterm_as_exit\n"
         "from custom.io import atomic_write\n"
         "with _sigterm_as_exit():\n"
         "    with atomic_write(sys.argv[1]) as tmp:\n"
@@ -316,13 +325,14 @@ def test_planned_outputs_stay_inside_output_dir(tmp_path):
 
 
 def test_skip_existing_resumes_through_the_command_line(tmp_path):
-    """CLI: after a run over two cases, one case's preview is gone (an interrupted run): ``--skip_existing true``
-    segments only that case (replacing its left-over files), leaves the complete one untouched, and the summary
-    lists the skipped case."""
+    """CLI: after a run over two cases (in this process), one case's preview is gone (an interrupted run): the
+    command line refuses the folder naming ``--skip_existing true``, which then segments only that case (replacing
+    its left-over files), leaves the complete one untouched, and the summary lists the skipped case."""
     inputs, w = _inputs(tmp_path / "in", ("a", "b")), _weights(tmp_path / "w.pt")
     out = tmp_path / "out"
-    res = _cli(_over(inputs, out, w))
-    assert res.returncode == 0, res.stderr[-3000:]
+    wf = _workflow(_over(inputs, out, w))
+    wf.run()
+    wf.parser.get_parsed_content("evaluator").exit_if_failed()
     (out / "b_preview.png").unlink()
     a_time, b_time = (out / "a_seg.nii.gz").stat().st_mtime_ns, (out / "b_seg.nii.gz").stat().st_mtime_ns
     res = _cli(_over(inputs, out, w))
@@ -334,8 +344,9 @@ def test_skip_existing_resumes_through_the_command_line(tmp_path):
     assert (out / "b_seg.nii.gz").stat().st_mtime_ns != b_time, "the incomplete case is"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == ["a"] and summary["succeeded"] == 1 and summary["failed"] == [], summary
-    res = _cli(_over(inputs, out, w, skip_existing="maybe"))
-    assert res.returncode != 0 and "--skip_existing must be true or false" in res.stderr
+    with pytest.raises(Exception) as e:  # the text the command line passes, in this process
+        _workflow(_over(inputs, out, w, skip_existing="maybe")).run()
+    assert "--skip_existing must be true or false" in " | ".join(_messages(e.value))
 
 
 def test_failed_preview_is_partial_not_failed(tmp_path, monkeypatch):
