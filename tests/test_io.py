@@ -20,21 +20,11 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from parameterized import parameterized
 
-from custom.io import (
-    CaseInput,
-    CheckCT,
-    CheckCTd,
-    CheckedLoadImaged,
-    InputError,
-    InputWarning,
-    check_ct_volume,
-    find_input_error,
-    list_inputs,
-    load_dicom_series,
-    load_image_checked,
-    nifti_case_id,
-    write_nifti_safely,
-)
+from custom.ct_checks import CheckCT, CheckCTd, check_ct_volume
+from custom.dicom_io import load_dicom_series
+from custom.errors import InputError, InputWarning, find_input_error
+from custom.io import CaseInput, CheckedLoadImaged, list_inputs, load_image_checked
+from custom.nifti_io import nifti_case_id, write_nifti_safely
 
 AFFINE = np.array([[-0.8, 0, 0, 100.0], [0, 0.8, 0, -50.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
 
@@ -648,7 +638,7 @@ def test_input_error_survives_pickling_and_copy():
     import copy
     import pickle
 
-    from custom.io import InputError
+    from custom.errors import InputError
 
     err = InputError("/data/ct.nii", "truncated gzip")
     for back in (pickle.loads(pickle.dumps(err)), copy.copy(err)):

@@ -21,8 +21,9 @@ import torch
 from bundle_utils import ROOT, TINY, bundle_cli, config_files
 from monai.bundle import ConfigWorkflow
 
-from custom.io import InputError, InputWarning, atomic_write, atomic_write_json, check_output_dir, temp_name
+from custom.errors import InputError, InputWarning
 from custom.network import ValidUNet3D
+from custom.outputs import atomic_write, atomic_write_json, check_output_dir, temp_name
 from tools.phantom import generate_phantom
 
 NET = {k: TINY[k] for k in ("features", "patch_size", "target_spacing")}
@@ -109,7 +110,7 @@ def test_read_only_or_full_output_dir_refused_before_any_case(tmp_path, monkeypa
     import shutil
 
     import custom.cascade
-    import custom.io
+    import custom.outputs
 
     out = tmp_path / "out"
     out.mkdir()
@@ -118,7 +119,7 @@ def test_read_only_or_full_output_dir_refused_before_any_case(tmp_path, monkeypa
         raise PermissionError(13, "Permission denied")
 
     with monkeypatch.context() as m:
-        m.setattr(custom.io, "_probe", denied)
+        m.setattr(custom.outputs, "_probe", denied)
         with pytest.raises(ValueError, match=r"--output_dir .*out: not writable \(Permission denied\)"):
             check_output_dir(out)
     usage = namedtuple("usage", "total used free")
@@ -197,7 +198,7 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
     script = (
         "import pathlib, sys, time\n"
         "from custom.cascade import _sigterm_as_exit\n"
-        "from custom.io import atomic_write\n"
+        "from custom.outputs import atomic_write\n"
         "with _sigterm_as_exit():\n"
         "    with atomic_write(sys.argv[1]) as tmp:\n"
         "        pathlib.Path(tmp).write_text('half')\n"
@@ -238,7 +239,7 @@ def test_preview_interrupted_by_ctrl_c_leaves_no_truncated_png(tmp_path, monkeyp
 
 def test_every_output_writer_of_custom_uses_the_atomic_helper():
     """No writer in ``custom/`` writes an output file directly (``write_text``, ``open(..., "w")``, ``.tmp``
-    renames of its own): they go through ``custom.io.atomic_write``."""
+    renames of its own): they go through ``custom.outputs.atomic_write``."""
     import re
 
     offenders = []

@@ -374,7 +374,7 @@ def large_file_entries(
 
         large_file_entries("export/models/cascaded_3d_fcn", ["models/model.pt"], url_base="https://x.org/v1")
     """
-    from custom.checkpoint import sha256_file
+    from custom.weights import sha256_file
 
     bundle = Path(bundle)
     if files is None:
@@ -609,7 +609,7 @@ def export_bundle(
     import torch
     from monai.bundle import ConfigParser
 
-    from custom.checkpoint import write_checksums
+    from custom.weights import write_checksums
     from custom.options import as_bool
 
     overlay = _none(overlay)
