@@ -648,3 +648,26 @@ def test_input_error_survives_pickling_and_copy():
             "truncated gzip",
             "/data/ct.nii: truncated gzip",
         )
+
+
+def test_io_re_exports_the_modules_it_was_split_into():
+    """``custom.io.<name>`` keeps working for configs and scripts written before the split (same objects)."""
+    import custom.ct_checks
+    import custom.dicom_io
+    import custom.errors
+    import custom.io
+    import custom.nifti_io
+    import custom.outputs
+
+    homes = [custom.errors, custom.nifti_io, custom.dicom_io, custom.ct_checks, custom.outputs]
+    for name in custom.io.__all__:
+        home = [m for m in homes if name in m.__all__]
+        assert home or name in (
+            "CaseInput",
+            "list_inputs",
+            "load_image_checked",
+            "CheckedLoadImage",
+            "CheckedLoadImaged",
+        )
+        assert all(getattr(custom.io, name) is getattr(m, name) for m in home), name
+    assert custom.io.CheckCTd is custom.ct_checks.CheckCTd and custom.io.atomic_write is custom.outputs.atomic_write

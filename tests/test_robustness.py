@@ -29,13 +29,13 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, Randomizable, Transform
 from parameterized import parameterized
 
-from custom.weights import UnsafeCheckpointError, load_checkpoint, sha256_file, write_checksums
 from custom.data import DatasetError
 from custom.errors import InputWarning
 from custom.inferer import ValidTiledInferer, estimate_tile_bytes, is_out_of_memory
 from custom.loss import CandidateWeightedCELoss, class_weights
 from custom.metrics import dice_per_class
 from custom.network import ValidUNet3D
+from custom.weights import UnsafeCheckpointError, load_checkpoint, sha256_file, write_checksums
 from custom.workflow import SeededDataset, SeededSampler
 from tools.phantom import generate_phantom
 

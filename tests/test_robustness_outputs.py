@@ -250,6 +250,29 @@ def test_every_output_writer_of_custom_uses_the_atomic_helper():
     assert offenders == []
 
 
+def test_every_writer_of_tools_uses_the_atomic_helper():
+    """The zoo export and the phantom datasets write through ``custom.outputs`` too: no ``write_text`` or
+    ``open(.., "w")`` of their own, and ``nib.save``/``torch.save`` only into the helper's temporary file (``tmp``) or
+    file object (``f``). The export's moves of a finished staging folder into place (``os.replace``) are not writes."""
+    import re
+
+    files = [ROOT / "tools" / "export.py", *sorted((ROOT / "tools" / "phantom").glob("*.py"))]
+    offenders = []
+    for path in files:
+        text = path.read_text()
+        if path.name == "export.py":  # the zoo's unit test it generates runs in the zoo, without this bundle's code
+            text = re.sub(r"UNIT_TEST = \'\'\'.*?\'\'\'", "", text, flags=re.S)
+        for pattern in (
+            r"\.write_text\(",
+            r"\.write_bytes\(",
+            r"open\([^)]*[\"']w",
+            r"(nib|torch)\.save\((?![^)]*\b(tmp|f)\)\)?)",
+        ):
+            offenders += [f"{path.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
+    assert offenders == []
+    assert "atomic_write" in (ROOT / "tools" / "phantom" / "generate.py").read_text()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 28. Warnings that matter go into the QC JSON and the summary; 29. the input's qform and sform are kept
 # ---------------------------------------------------------------------------------------------------------------------
