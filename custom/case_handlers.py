@@ -25,8 +25,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from custom.evaluator import RunLevel, rank_suffix, write_csv
-from custom.io import atomic_write, atomic_write_json, path_inside, safe_case_id
 from custom.metrics import candidate_recall_fpr, dice_per_class
+from custom.outputs import atomic_write, atomic_write_json, path_inside, safe_case_id
 
 logger = logging.getLogger(__name__)
 

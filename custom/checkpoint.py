@@ -1,13 +1,19 @@
-"""Checkpoints that survive a killed run, resume that continues where it stopped, and weights that can be trusted.
+"""Checkpoints that survive a killed run and resume that continues where it stopped: ignite's ``Checkpoint`` with a
+save handler that fills its gaps.
 
-Why not MONAI's ``CheckpointSaver`` as is: it passes ``atomic=False`` to ignite's ``DiskSaver`` (for file permissions),
-and with a fixed ``final_filename`` it deletes the previous file *before* writing the new one, so a kill at the wrong
-moment leaves no checkpoint at all. It also saves at ``EXCEPTION_RAISED``, which after a NaN loss writes NaN weights,
-and after a crash inside an iteration writes weights whose iteration count is one ahead of the optimizer steps taken.
-Here every file is written to a temporary file in the same folder, flushed, fsynced and moved into place with
-``os.replace`` (readable by group and others as the umask allows), a save is refused while any weight is NaN/Inf or
-after :class:`custom.handlers.StopOnNaN` flagged the loss, and nothing is saved on exceptions: the last periodic
-checkpoint is the state to resume from.
+``ignite.handlers.Checkpoint`` collects the state dicts; :class:`AtomicDiskSaver` (its save handler) writes them.
+What the handler and the savers add over ignite's ``DiskSaver`` and MONAI's ``CheckpointSaver``:
+
+- every file goes through the bundle's one atomic-write helper (:func:`custom.outputs.atomic_write_with`: a temporary
+  file in the same folder, flushed, fsynced, ``os.replace``), readable by group and others as the umask allows
+  (``DiskSaver`` uses ``NamedTemporaryFile``: 0600 plus a chmod; MONAI even passes ``atomic=False``);
+- a good checkpoint is never deleted before the new one is written: with a fixed file name ignite calls the handler's
+  ``remove`` for the previous file *before* saving the new one, so a kill at that moment leaves none; here the new file
+  replaces the old one in the rename and ``remove`` deletes nothing;
+- nothing is saved while a weight is NaN/Inf or after :class:`custom.handlers.StopOnNaN` flagged the loss, and
+  nothing on exceptions (MONAI saves at ``EXCEPTION_RAISED``: NaN weights, or an iteration count one ahead of the
+  optimizer steps taken): the last periodic checkpoint is the state to resume from;
+- a payload that ``torch.load(weights_only=True)`` could not read back is refused when saving, not when resuming.
 
 Files in ``<ckpt_dir>``:
 
@@ -16,12 +22,7 @@ Files in ``<ckpt_dir>``:
 - ``model_final.pt``: ``{"network": state_dict, "meta": {...}}`` at the end of training;
 - ``model_best.pt``: the same for the best validation key metric (:class:`BestModelSaver` on the evaluator).
 
-Loading is always ``torch.load(..., weights_only=True)``: a file carrying a pickled object that would run code is
-refused before anything executes (:class:`UnsafeCheckpointError`), a missing file is an error naming the path (never a
-silent run on random weights), and an expected SHA-256 is checked before loading. ``"auto"`` takes it from the
-``checksums.json`` beside the file (the bundle ships one for its weights in ``models/``) and skips the check with a
-warning where there is none or where it does not list the file, so that a user's own weights load without a listing
-while shipped weights that were changed or truncated are refused; pass the hex digest itself to insist on a check.
+Loading (``weights_only=True``, checksums) is :mod:`custom.weights`; its names are re-exported here.
 
 Example (bundle config, the trainer and its scaler are taken from the engine the handler is attached to, so no
 circular reference to ``@train#trainer`` is needed)::
@@ -43,32 +44,42 @@ circular reference to ``@train#trainer`` is needed)::
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import hashlib
-import json
 import logging
 import math
 import os
-import pickle
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 
 from custom.options import as_bool
+from custom.outputs import atomic_write_with, remove_stale_temps
+from custom.weights import (
+    WEIGHT_KEYS,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    load_network,
+    load_weights,
+    sha256_file,
+    verify_checksums,
+    write_checksums,
+)
 
 __all__ = [
     "NONFINITE_STATE_ATTR",
     "WEIGHT_KEYS",
     "AtomicCheckpointSaver",
+    "AtomicDiskSaver",
     "BestModelSaver",
     "ResumeFromCheckpoint",
     "UnsafeCheckpointError",
     "atomic_save",
     "load_checkpoint",
+    "load_network",
     "load_weights",
     "sha256_file",
     "verify_checksums",
@@ -78,90 +89,20 @@ __all__ = [
 #: Attribute that :class:`custom.handlers.StopOnNaN` sets on ``engine.state`` (the iteration of the non-finite loss);
 #: savers refuse to write while it is set.
 NONFINITE_STATE_ATTR = "nonfinite_loss_iteration"
-#: Keys under which a checkpoint dict may hold the network's state dict, tried in this order.
-WEIGHT_KEYS: tuple[str, ...] = ("network", "model", "state_dict")
 #: Key of the small metadata record written beside the state dicts.
 META_KEY = "meta"
-#: File name of the checksum list written by :func:`write_checksums`.
-CHECKSUMS_FILE = "checksums.json"
-#: Weight files listed by :func:`write_checksums` by default.
-WEIGHT_PATTERNS: tuple[str, ...] = ("*.pt", "*.pth", "*.ts", "*.onnx", "*.safetensors")
 
-_module_logger = logging.getLogger(__name__)
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint holds pickled objects other than tensors and plain containers; it was not unpickled."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# atomic writing
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename: fsync the folder entry (a no-op where folders cannot be opened, e.g. Windows)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write ``path`` through ``write(file)`` into a temporary file beside it, then ``os.replace`` it into place.
-
-    A failure or kill at any point before the rename leaves the previous ``path`` untouched (the temporary file is
-    removed on exceptions; after a hard kill a hidden ``.<name>.*.tmp`` file may remain, which
-    :class:`AtomicCheckpointSaver` cleans at its next start). Through :func:`custom.io.atomic_write`.
-    """
-    from custom.io import atomic_write  # the bundle's one atomic-write helper
-
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    _fsync_dir(path.parent)
-    return path
+_SAFE_LEAVES = (torch.Tensor, bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)`` that never leaves a half-written ``path``: temp file + fsync + ``os.replace``.
+    """``torch.save(obj, path)`` that never leaves a half-written ``path`` (:func:`custom.outputs.atomic_write_with`).
 
     Example::
 
         atomic_save({"network": net.state_dict()}, "runs/stage1/model_final.pt")
     """
-    return _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
-
-
-def _nonfinite_tensors(objects: Mapping[str, Any]) -> list[str]:
-    """Names of floating-point parameters/buffers that hold NaN or Inf, over the modules in ``objects``."""
-    bad = []
-    for key, obj in objects.items():
-        if not isinstance(obj, torch.nn.Module):
-            continue
-        for name, t in obj.state_dict().items():
-            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad.append(f"{key}.{name}")
-    return bad
-
-
-_SAFE_LEAVES = (torch.Tensor, bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+    return atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
 def _check_loadable(obj: Any, where: str) -> None:
@@ -183,19 +124,61 @@ def _check_loadable(obj: Any, where: str) -> None:
     )
 
 
-def _meta(engine: Engine, kind: str, **extra: Any) -> dict[str, Any]:
-    import monai
+class AtomicDiskSaver(BaseSaveHandler):
+    """Save handler of ``ignite.handlers.Checkpoint``: each checkpoint replaces its file atomically, in ``dirname``.
 
-    meta = {
-        "kind": kind,
-        "iteration": int(engine.state.iteration or 0),
-        "epoch": int(engine.state.epoch or 0),
-        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": str(torch.__version__),  # TorchVersion is not a plain str: weights_only would refuse it
-        "monai_version": str(monai.__version__),
-    }
-    meta.update(extra)
-    return meta
+    ``remove`` deletes nothing: the savers of this module write one fixed file name each, which ignite "removes"
+    right before writing it again; the rename in :func:`atomic_save` replaces the previous file instead, so a good
+    checkpoint exists at every moment.
+    """
+
+    def __init__(self, dirname: str | os.PathLike) -> None:
+        self.dirname = Path(dirname)
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        _check_loadable(checkpoint, filename)
+        atomic_save(dict(checkpoint), self.dirname / filename)
+
+    def remove(self, filename: str) -> None:
+        """Nothing to delete: the next save replaces ``filename`` in one rename."""
+
+
+class _MetaRecord:
+    """The ``meta`` entry of a checkpoint (kind, iteration, epoch, time, versions), as an object ignite can save."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.kind, self.extra = engine, "checkpoint", {}
+
+    def state_dict(self) -> dict[str, Any]:
+        import monai
+
+        state = self.engine.state
+        return {
+            "kind": self.kind,
+            "iteration": int(state.iteration or 0),
+            "epoch": int(state.epoch or 0),
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": str(torch.__version__),  # TorchVersion is not a plain str: weights_only would refuse it
+            "monai_version": str(monai.__version__),
+            **self.extra,
+        }
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def _nonfinite_tensors(objects: Mapping[str, Any]) -> list[str]:
+    """Names of floating-point parameters/buffers that hold NaN or Inf, over the modules in ``objects``."""
+    bad = []
+    for key, obj in objects.items():
+        if isinstance(obj, torch.nn.Module):
+            for name, t in obj.state_dict().items():
+                if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad.append(f"{key}.{name}")
+    return bad
 
 
 def _clean(objects: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
@@ -221,7 +204,7 @@ def _engine_objects(
 
 
 class _SaverBase:
-    """Shared by the savers: logger resolution and the guarded, atomic write of selected state dicts."""
+    """Shared by the savers: one ignite ``Checkpoint`` per file name, written only when the state is finite."""
 
     def __init__(self, save_dir: str, save_dict: Mapping[str, Any], name: str | None) -> None:
         if not save_dir:
@@ -231,12 +214,13 @@ class _SaverBase:
         self._name = name
         self.logger = logging.getLogger(name)
         self.last_saved: Path | None = None
+        self._checkpoints: dict[tuple[int, str], tuple[Checkpoint, _MetaRecord]] = {}
 
     def _attach_logger(self, engine: Engine) -> None:
         if self._name is None:
             self.logger = engine.logger
 
-    def _write(self, engine: Engine, objects: Mapping[str, Any], filename: str, meta: dict[str, Any]) -> Path | None:
+    def _write(self, engine: Engine, objects: Mapping[str, Any], filename: str, kind: str, **extra: Any) -> Path | None:
         if not _is_main_process():
             return None
         flagged = getattr(engine.state, NONFINITE_STATE_ATTR, None)
@@ -253,12 +237,18 @@ class _SaverBase:
                 f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the previous file is kept unchanged."
             )
             return None
-        payload = {k: obj.state_dict() for k, obj in objects.items()}
-        payload[META_KEY] = meta
-        _check_loadable(payload, filename)
-        path = atomic_save(payload, self.save_dir / filename)
-        self.last_saved = path
-        return path
+        key = (id(engine), filename)
+        if key not in self._checkpoints:
+            meta = _MetaRecord(engine)
+            saver = AtomicDiskSaver(self.save_dir)
+            # n_saved=None: ignite keeps no ranking of its own (which file is best is decided here)
+            checkpoint = Checkpoint({**objects, META_KEY: meta}, saver, filename_pattern=filename, n_saved=None)
+            self._checkpoints[key] = (checkpoint, meta)
+        checkpoint, meta = self._checkpoints[key]
+        meta.kind, meta.extra = kind, extra
+        checkpoint(engine)
+        self.last_saved = self.save_dir / filename
+        return self.last_saved
 
 
 class AtomicCheckpointSaver(_SaverBase):
@@ -270,7 +260,8 @@ class AtomicCheckpointSaver(_SaverBase):
 
     The handler registers its events when the engine starts, so it runs after every handler attached when the trainer
     was built (``LrScheduleHandler``, ``ValidationHandler``): the saved scheduler step and best-model record belong to
-    the same epoch as the weights, whatever the order of the handler list.
+    the same epoch as the weights, whatever the order of the handler list. Unfinished temporary files of its two
+    files (left by a hard kill) are removed then.
 
     Args:
         save_dir: folder of the checkpoints (created if missing).
@@ -332,28 +323,18 @@ class AtomicCheckpointSaver(_SaverBase):
         if id(engine) in self._registered:
             return
         self._registered.add(id(engine))
-        self._remove_stale_temporaries()
+        for name in (self.filename, self.final_filename):
+            remove_stale_temps(self.save_dir / name)
         if self.save_interval > 0:
             event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
             engine.add_event_handler(event(every=self.save_interval), self.save_checkpoint)
         if self.save_final:
             engine.add_event_handler(Events.COMPLETED, self.completed)
 
-    def _remove_stale_temporaries(self) -> None:
-        if not self.save_dir.is_dir():
-            return
-        for name in (self.filename, self.final_filename):
-            for stale in self.save_dir.glob(f".{name}.*.tmp"):
-                self.logger.warning(f"Removing an unfinished checkpoint left by a killed run: {stale}")
-                with contextlib.suppress(FileNotFoundError):
-                    stale.unlink()
-
-    def _objects(self, engine: Engine) -> dict[str, Any]:
-        return _engine_objects(engine, self.save_dict, self.engine_key, self.scaler_key)
-
     def save_checkpoint(self, engine: Engine) -> Path | None:
         """Write ``filename`` with the full training state now; returns its path, or ``None`` if refused."""
-        path = self._write(engine, self._objects(engine), self.filename, _meta(engine, "checkpoint"))
+        objects = _engine_objects(engine, self.save_dict, self.engine_key, self.scaler_key)
+        path = self._write(engine, objects, self.filename, "checkpoint")
         if path is not None:
             engine.state.last_checkpoint = str(path)
             engine.state.last_checkpoint_iteration = int(engine.state.iteration)
@@ -369,7 +350,7 @@ class AtomicCheckpointSaver(_SaverBase):
             self.logger.warning(f"Final weights {self.final_filename} not written (see the message above).")
             return
         final = {k: self.save_dict[k] for k in self.final_keys}
-        path = self._write(engine, final, self.final_filename, _meta(engine, "final"))
+        path = self._write(engine, final, self.final_filename, "final")
         if path is not None:
             self.logger.info(f"Training completed, saved final weights {path}.")
 
@@ -461,169 +442,21 @@ class BestModelSaver(_SaverBase):
             return None
         if not self._is_better(value):
             return None
-        meta = _meta(engine, "best", key_metric=name, key_metric_value=value)
-        path = self._write(engine, self.save_dict, self.filename, meta)
+        path = self._write(engine, self.save_dict, self.filename, "best", key_metric=name, key_metric_value=value)
         if path is not None:
             self.best_metric, self.best_epoch = value, int(engine.state.epoch)
             self.logger.info(f"New best {name} = {value:.4f} at epoch {engine.state.epoch}: saved {path}.")
         return path
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# safe loading
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", expected_sha256: str | None = None) -> Any:
-    """``torch.load(path, weights_only=True)`` with errors that name the file.
-
-    ``expected_sha256`` is checked before unpickling (``"auto"``: the hash listed for this file in the
-    ``checksums.json`` beside it; without a listing, or when the listing does not name the file, the file is loaded
-    unverified with a warning). Raises ``FileNotFoundError`` (missing), ``ValueError`` (hash mismatch, unreadable
-    file) or :class:`UnsafeCheckpointError` (pickled objects that ``weights_only`` refuses; nothing was executed).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint file not found: {path} (refusing to continue with untrained weights).")
-    if expected_sha256:
-        _check_sha256(path, expected_sha256)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"Refusing to load {path}: it contains pickled objects other than tensors and plain containers, which "
-            f"could run code when unpickled. Re-save only state dicts (torch.save(model.state_dict(), ...)). "
-            f"Detail: {str(e).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"Cannot read checkpoint {path} (truncated or not a torch file?): {e}") from e
-
-
-def _expected_from_checksums(path: Path) -> str | None:
-    """The SHA-256 listed for ``path`` in the ``checksums.json`` beside it, or None (logged) when not listed."""
-    listing = path.parent / CHECKSUMS_FILE
-    if not listing.is_file():
-        _module_logger.warning(f"{path}: not verified (no {CHECKSUMS_FILE} beside it; sha256 'auto').")
-        return None
-    try:
-        files = json.loads(listing.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{listing} is not a checksum list written by write_checksums ({e!r}).") from e
-    if path.name not in files:
-        _module_logger.warning(f"{path}: not verified ({listing} does not list it; listed: {sorted(files)}).")
-        return None
-    return files[path.name]["sha256"]
-
-
-def _check_sha256(path: Path, expected: str) -> None:
-    source = "expected"
-    if expected == "auto":
-        expected = _expected_from_checksums(path)
-        if expected is None:
-            return
-        source = f"listed in {path.parent / CHECKSUMS_FILE}"
-    actual = sha256_file(path)
-    if actual.lower() != expected.strip().lower():
-        raise ValueError(
-            f"SHA-256 mismatch for {path}: {source} {expected.strip().lower()}, got {actual}. The file is truncated, "
-            "corrupt or was replaced; to load weights of your own, pass sha256 null (or their digest) or give "
-            "another path."
-        )
-
-
-def _extract_state_dict(ckpt: Any, key: str | None, path: Path) -> dict[str, torch.Tensor]:
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict or a checkpoint dict.")
-    if key is not None:
-        if key not in ckpt:
-            raise KeyError(f"{path} has no key {key!r}; its top-level keys are {sorted(map(str, ckpt))}.")
-        sd = ckpt[key]
-    elif ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        sd = ckpt
-    else:
-        found = [k for k in WEIGHT_KEYS if isinstance(ckpt.get(k), Mapping)]
-        if not found:
-            raise KeyError(
-                f"{path} is neither a raw state dict nor a checkpoint with one of the keys {list(WEIGHT_KEYS)}; "
-                f"its top-level keys are {sorted(map(str, ckpt))}."
-            )
-        sd = ckpt[found[0]]
-    if not isinstance(sd, Mapping) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path}: the selected entry is not a state dict of tensors.")
-    sd = dict(sd)
-    if sd and all(k.startswith("module.") for k in sd):  # saved from a DistributedDataParallel/DataParallel wrapper
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
-def _load_into(
-    network: torch.nn.Module, sd: dict[str, torch.Tensor], strict: bool, skip_mismatched: bool, path: Path
-) -> dict[str, torch.Tensor]:
-    """Check the whole match first and only then copy, so a refused file leaves the network untouched."""
-    own = network.state_dict()
-    mismatched = {
-        k: (tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape
-    }
-    if mismatched and not skip_mismatched:
-        detail = ", ".join(f"{k}: file {a} vs network {b}" for k, (a, b) in list(mismatched.items())[:5])
-        raise RuntimeError(
-            f"{path}: {len(mismatched)} tensor(s) differ in shape from the network ({detail}). "
-            "For fine-tuning to another label set pass skip_mismatched=True to keep those at their initialisation."
-        )
-    sd = {k: v for k, v in sd.items() if k not in mismatched}
-    missing = sorted(set(own) - set(sd) - set(mismatched))
-    unexpected = sorted(set(sd) - set(own))
-    if strict and (missing or unexpected):
-        raise RuntimeError(
-            f"{path}: weights do not match the network: missing {missing[:10]}, unexpected {unexpected[:10]} "
-            "(strict=True)."
-        )
-    network.load_state_dict(sd, strict=False)
-    if mismatched:
-        _module_logger.warning(
-            f"{path}: kept {len(mismatched)} tensor(s) at their initialisation because their shapes differ "
-            f"(fine-tuning): {sorted(mismatched)}"
-        )
-    if missing or unexpected:
-        _module_logger.warning(f"{path}: loaded non-strictly; missing {missing}, unexpected {unexpected}.")
-    return sd
-
-
-def load_weights(
-    path: str | os.PathLike,
-    map_location: Any = "cpu",
-    expected_sha256: str | None = None,
-    strict: bool = True,
-    network: torch.nn.Module | None = None,
-    key: str | None = None,
-    skip_mismatched: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Load network weights safely and return the state dict (loaded into ``network`` when given).
-
-    Accepts a raw state dict or a checkpoint dict with a ``network`` / ``model`` / ``state_dict`` entry (``key``
-    picks another entry); a ``module.`` prefix from a DDP wrapper is removed. With ``network``, the match is checked
-    before anything is copied: shape differences are an error unless ``skip_mismatched=True`` (fine-tuning to another
-    label set: those tensors, typically the head, keep their initialisation and are logged), missing or unexpected
-    names are an error when ``strict``.
-
-    Example::
-
-        load_weights("models/model.pt", expected_sha256="auto", network=net)  # hash from models/checksums.json
-    """
-    path = Path(path)
-    sd = _extract_state_dict(load_checkpoint(path, map_location, expected_sha256), key, path)
-    if network is not None:
-        sd = _load_into(network, sd, strict, skip_mismatched, path)
-        _module_logger.info(f"Loaded {len(sd)} tensors from {path} into {type(network).__name__}.")
-    return sd
-
-
 class ResumeFromCheckpoint:
     """Ignite handler: when ``resume`` and ``load_path`` exists, restore the whole training state at ``STARTED``.
 
-    Restores every item of ``load_dict`` plus the engine's iteration and epoch (``engine_key``) and its AMP scaler,
-    so ``trainer.run()`` continues with the next iteration. The configured ``max_epochs`` wins over the checkpoint's
-    (to extend a finished run); a changed epoch length (another data list or batch size) is an error, because
-    epochs and iterations would no longer line up. Without a file it logs that training starts from scratch.
+    Restores every item of ``load_dict`` (``ignite.handlers.Checkpoint.load_objects``) plus the engine's iteration and
+    epoch (``engine_key``) and its AMP scaler, so ``trainer.run()`` continues with the next iteration. The file is read
+    with :func:`custom.weights.load_checkpoint` (``weights_only=True``). The configured ``max_epochs`` wins over the
+    checkpoint's (to extend a finished run); a changed epoch length (another data list or batch size) is an error,
+    because epochs and iterations would no longer line up. Without a file it logs that training starts from scratch.
 
     Resuming from an epoch-level checkpoint with deterministic data reproduces the uninterrupted run exactly; from a
     mid-epoch (iteration-level) checkpoint ignite continues the count but restarts the data loader, so that epoch
@@ -673,31 +506,26 @@ class ResumeFromCheckpoint:
         if not isinstance(ckpt, Mapping):
             raise ValueError(f"{self.load_path} is not a checkpoint dict.")
         objects = _engine_objects(engine, self.load_dict, self.engine_key, self.scaler_key)
-        missing = [k for k in objects if k not in ckpt]
         optional = {self.scaler_key} if self.scaler_key else set()
-        fatal = [k for k in missing if k not in optional]
+        fatal = [k for k in objects if k not in ckpt and k not in optional]
         if fatal and self.strict:
             raise KeyError(
                 f"{self.load_path} lacks {fatal} needed to resume; it holds {sorted(k for k in ckpt if k != META_KEY)}."
             )
-        ignored = sorted(k for k in ckpt if k not in objects and k != META_KEY)
         restored = []
         for k, obj in objects.items():
             if k not in ckpt:
                 self.logger.warning(f"{self.load_path} has no {k!r}; it keeps its fresh state.")
-                continue
-            state = ckpt[k]
-            if obj is engine:
-                self._restore_engine(engine, state)
-            elif isinstance(state, Mapping) and len(state) == 0:
+            elif obj is engine:
+                self._restore_engine(engine, ckpt[k])
+                restored.append(k)
+            elif isinstance(ckpt[k], Mapping) and len(ckpt[k]) == 0:
                 # e.g. a GradScaler saved while disabled (CPU run) resumed with AMP on
                 self.logger.warning(f"{self.load_path}: {k!r} was saved empty; it keeps its fresh state.")
-                continue
-            elif isinstance(obj, torch.nn.Module):
-                obj.load_state_dict(state, strict=self.strict)
             else:
-                obj.load_state_dict(state)
-            restored.append(k)
+                Checkpoint.load_objects({k: obj}, {k: ckpt[k]}, strict=self.strict)
+                restored.append(k)
+        ignored = sorted(k for k in ckpt if k not in objects and k != META_KEY)
         if ignored:
             self.logger.warning(f"{self.load_path}: entries not restored (not in load_dict): {ignored}.")
         self.restored = {
@@ -728,115 +556,3 @@ class ResumeFromCheckpoint:
                     f"{prior_max_epochs}; raise max_epochs to train further."
                 )
             engine.state.max_epochs = prior_max_epochs
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# checksums
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks.
-
-    Example::
-
-        sha256_file("models/model.pt")  # 'e3b0c442...'
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_size):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _weight_files(folder: Path, patterns: Iterable[str]) -> list[Path]:
-    found = {p for pat in patterns for p in folder.rglob(pat) if p.is_file() and not p.name.startswith(".")}
-    return sorted(found)
-
-
-def write_checksums(
-    folder: str | os.PathLike, patterns: Sequence[str] = WEIGHT_PATTERNS, filename: str = CHECKSUMS_FILE
-) -> dict[str, str]:
-    """Write ``<folder>/checksums.json`` listing the SHA-256 and size of every weight file below ``folder``.
-
-    Example::
-
-        write_checksums("models")  # {"model.pt": "9f2c...", "stage1/model.pt": "04ab..."}
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"No such folder: {folder}")
-    files = {
-        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in _weight_files(folder, patterns)
-    }
-    if not files:
-        raise FileNotFoundError(f"No weight files matching {list(patterns)} below {folder}.")
-    text = json.dumps({"algorithm": "sha256", "files": files}, indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / filename, lambda f: f.write(text.encode()))
-    return {k: v["sha256"] for k, v in files.items()}
-
-
-def verify_checksums(
-    folder: str | os.PathLike, filename: str = CHECKSUMS_FILE, patterns: Sequence[str] = WEIGHT_PATTERNS
-) -> dict[str, str]:
-    """Check every file listed in ``<folder>/checksums.json``; raise ``ValueError`` naming each missing or changed one.
-
-    Weight files present but not listed are reported in the log, not an error. Returns the verified hashes.
-
-    Example::
-
-        verify_checksums("models")  # raises: "models/model.pt: expected 9f2c..., got 11aa..."
-    """
-    folder = Path(folder)
-    listing = folder / filename
-    if not listing.is_file():
-        raise FileNotFoundError(f"No checksum list at {listing} (write it with write_checksums).")
-    files = json.loads(listing.read_text())["files"]
-    problems, verified = [], {}
-    for rel, entry in sorted(files.items()):
-        path = folder / rel
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        actual = sha256_file(path)
-        if actual != entry["sha256"]:
-            problems.append(f"{path}: expected {entry['sha256']}, got {actual}")
-        else:
-            verified[rel] = actual
-    if problems:
-        raise ValueError(f"Checksum verification failed for {len(problems)} file(s): " + "; ".join(problems))
-    unlisted = [p.relative_to(folder).as_posix() for p in _weight_files(folder, patterns)]
-    unlisted = [r for r in unlisted if r not in files]
-    if unlisted:
-        _module_logger.warning(f"Weight files not listed in {listing}: {unlisted}")
-    return verified
-
-
-def load_network(
-    network: torch.nn.Module,
-    path: str | os.PathLike,
-    device: Any = "cpu",
-    sha256: str | None = None,
-    strict: bool = True,
-    skip_mismatched: bool = False,
-    eval_mode: bool = True,
-) -> torch.nn.Module:
-    """Load weights into ``network`` (read on the CPU, safely) and return it on ``device``, for configs.
-
-    A missing file is an error naming it: inference never runs on random weights.
-
-    Example (config)::
-
-        {"_target_": "custom.checkpoint.load_network", "network": "@network_def", "path": "@stage1_weights",
-         "device": "@device"}
-    """
-    load_weights(
-        path,
-        map_location="cpu",
-        expected_sha256=sha256,
-        strict=strict,
-        network=network,
-        skip_mismatched=skip_mismatched,
-    )
-    network = network.to(device)
-    return network.eval() if eval_mode else network

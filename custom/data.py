@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from custom.io import InputError, nifti_case_id, safe_case_id
+from custom.errors import InputError
+from custom.nifti_io import nifti_case_id
 from custom.options import as_bool
+from custom.outputs import safe_case_id
 
 if TYPE_CHECKING:
     from custom.verify import VerifyReport
@@ -336,7 +338,7 @@ def folds(
     }
     text = json.dumps(result, indent=1)
     if output:
-        from custom.io import atomic_write_text
+        from custom.outputs import atomic_write_text
 
         atomic_write_text(output, text + "\n")
     print(text)

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import wilcoxon
 
-from custom.io import atomic_write, atomic_write_text
 from custom.metrics import summarize
+from custom.outputs import atomic_write, atomic_write_text
 
 STAGE_TITLES = {"stage1": "Stage 1", "stage2_nol": "Stage 2: non-overlapping", "stage2": "Stage 2"}
 

@@ -32,8 +32,9 @@ from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
 from monai.transforms import apply_transform
 
-from custom.io import atomic_write_text, check_output_dir, find_input_error, remove_stale_temps
+from custom.errors import find_input_error
 from custom.options import as_bool
+from custom.outputs import atomic_write_text, check_output_dir, remove_stale_temps
 from custom.workflow import CandidatePrepareBatch
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def input_header(path) -> dict | None:
     """qform and sform of a NIfTI input as stored (matrices and codes), read from its header only; ``None`` for
     DICOM (there the output's qform and sform are both the series' affine)."""
     try:
-        from custom.io import nifti_case_id
+        from custom.nifti_io import nifti_case_id
 
         if path is None or nifti_case_id(path) is None or not Path(str(path)).is_file():
             return None

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from custom.evaluator import CascadeEvaluator, rank_suffix
-from custom.io import atomic_write_json
+from custom.outputs import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class OutOfFoldRunner:
         if self.fold_weights is None:
             self.runner.run()
             return {}
-        from custom.checkpoint import load_weights
+        from custom.weights import load_weights
 
         plan = self.plan()
         self.runner.check_existing()  # every fold's outputs, before the first fold computes anything

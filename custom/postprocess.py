@@ -31,7 +31,7 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd, MapTransform, SaveImaged
 
 from custom.cascade import nearest_to_input_grid
-from custom.io import atomic_write, path_inside, safe_case_id
+from custom.outputs import atomic_write, path_inside, safe_case_id
 
 __all__ = ["ToInputGridd", "SaveCased"]
 

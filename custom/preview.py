@@ -183,7 +183,7 @@ def save_preview(
         cx, cy = gap + (k % 4) * (width // 4), y0 + (k // 4) * 22
         draw.rectangle([cx, cy + 2, cx + 14, cy + 16], fill=PALETTE[(i - 1) % len(PALETTE)])
         draw.text((cx + 20, cy + 1), f"{i} {names.get(i, str(i))}", fill=(255, 255, 255), font=font)
-    from custom.io import atomic_write
+    from custom.outputs import atomic_write
 
     path = Path(path)
     with atomic_write(path, suffix=path.suffix) as tmp:

@@ -27,8 +27,8 @@ import nibabel as nib
 import numpy as np
 
 from custom.data import DatasetError, _read_json, case_id_from_path, load_datalist
-from custom.io import describe_read_error, nifti_header_problems
 from custom.labels import LABEL_SETS, REAL_CT_LABELS, resolve_labels
+from custom.nifti_io import describe_read_error, nifti_header_problems
 from custom.options import as_bool
 
 __all__ = ["VerifyReport", "label_disagreements", "mapping_report", "verify", "verify_dataset"]

@@ -173,7 +173,7 @@ def write_phantom(folder: Path, seed: int, preset: str, **kw) -> dict:
     """Generate a phantom CT and its label map as NIfTI in ``folder`` (reused when the same one is already there)."""
     import hashlib
 
-    from custom.io import write_nifti_safely
+    from custom.nifti_io import write_nifti_safely
     from tools.phantom import GENERATOR_VERSION, generate_phantom
 
     key = json.dumps({"seed": seed, "preset": preset, "v": GENERATOR_VERSION, **kw}, sort_keys=True, default=str)

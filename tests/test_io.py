@@ -20,21 +20,11 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from parameterized import parameterized
 
-from custom.io import (
-    CaseInput,
-    CheckCT,
-    CheckCTd,
-    CheckedLoadImaged,
-    InputError,
-    InputWarning,
-    check_ct_volume,
-    find_input_error,
-    list_inputs,
-    load_dicom_series,
-    load_image_checked,
-    nifti_case_id,
-    write_nifti_safely,
-)
+from custom.ct_checks import CheckCT, CheckCTd, check_ct_volume
+from custom.dicom_io import load_dicom_series
+from custom.errors import InputError, InputWarning, find_input_error
+from custom.io import CaseInput, CheckedLoadImaged, list_inputs, load_image_checked
+from custom.nifti_io import nifti_case_id, write_nifti_safely
 
 AFFINE = np.array([[-0.8, 0, 0, 100.0], [0, 0.8, 0, -50.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
 
@@ -648,7 +638,7 @@ def test_input_error_survives_pickling_and_copy():
     import copy
     import pickle
 
-    from custom.io import InputError
+    from custom.errors import InputError
 
     err = InputError("/data/ct.nii", "truncated gzip")
     for back in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
@@ -658,3 +648,26 @@ def test_input_error_survives_pickling_and_copy():
             "truncated gzip",
             "/data/ct.nii: truncated gzip",
         )
+
+
+def test_io_re_exports_the_modules_it_was_split_into():
+    """``custom.io.<name>`` keeps working for configs and scripts written before the split (same objects)."""
+    import custom.ct_checks
+    import custom.dicom_io
+    import custom.errors
+    import custom.io
+    import custom.nifti_io
+    import custom.outputs
+
+    homes = [custom.errors, custom.nifti_io, custom.dicom_io, custom.ct_checks, custom.outputs]
+    for name in custom.io.__all__:
+        home = [m for m in homes if name in m.__all__]
+        assert home or name in (
+            "CaseInput",
+            "list_inputs",
+            "load_image_checked",
+            "CheckedLoadImage",
+            "CheckedLoadImaged",
+        )
+        assert all(getattr(custom.io, name) is getattr(m, name) for m in home), name
+    assert custom.io.CheckCTd is custom.ct_checks.CheckCTd and custom.io.atomic_write is custom.outputs.atomic_write

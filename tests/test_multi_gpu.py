@@ -55,8 +55,8 @@ def test_ddp_training_two_cpu_processes(tmp_path):
     last = torch.load(out / "checkpoints" / "checkpoint_last.pt", weights_only=True)
     assert last["trainer"]["iteration"] == 2
     # DDP's wrapper prefix is stripped when saving or loading: the weights load into a plain network
-    from custom.checkpoint import load_weights
     from custom.network import ValidUNet3D
+    from custom.weights import load_weights
 
     load_weights(out / "checkpoints" / "model_final.pt", network=ValidUNet3D(1, 8, TINY["features"]))
 

@@ -29,13 +29,13 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, Randomizable, Transform
 from parameterized import parameterized
 
-from custom.checkpoint import UnsafeCheckpointError, load_checkpoint, sha256_file, write_checksums
 from custom.data import DatasetError
+from custom.errors import InputWarning
 from custom.inferer import ValidTiledInferer, estimate_tile_bytes, is_out_of_memory
-from custom.io import InputWarning
 from custom.loss import CandidateWeightedCELoss, class_weights
 from custom.metrics import dice_per_class
 from custom.network import ValidUNet3D
+from custom.weights import UnsafeCheckpointError, load_checkpoint, sha256_file, write_checksums
 from custom.workflow import SeededDataset, SeededSampler
 from tools.phantom import generate_phantom
 
@@ -559,7 +559,7 @@ def test_inference_config_checks_listed_weights_and_loads_own_ones(tmp_path, cap
     parser.read_config(config_files("common.json", "inference.json"))
     assert parser["stage1_sha256"] == "auto" and parser["stage2_sha256"] == "auto"
     weights = tiny_weights(tmp_path / "models" / "stage1.pt")
-    with caplog.at_level(logging.WARNING, logger="custom.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="custom.weights"):
         assert isinstance(_stage1_network(weights), ValidUNet3D)  # a user's own weights: no listing needed
     assert "not verified (no checksums.json" in caplog.text
     write_checksums(weights.parent)

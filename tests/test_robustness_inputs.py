@@ -26,19 +26,14 @@ from parameterized import parameterized
 from test_io import ct_array, dicom_volume, save_nifti, write_dicom_series
 
 from custom.checkpoint import ResumeFromCheckpoint
+from custom.ct_checks import affine_problems
 from custom.data import DatasetError, load_datalist
-from custom.io import (
-    InputError,
-    InputWarning,
-    affine_problems,
-    check_nifti_header,
-    list_inputs,
-    load_dicom_series,
-    load_image_checked,
-    path_inside,
-    safe_case_id,
-)
+from custom.dicom_io import load_dicom_series
+from custom.errors import InputError, InputWarning
+from custom.io import list_inputs, load_image_checked
 from custom.labels import PAPER_LABELS
+from custom.nifti_io import check_nifti_header
+from custom.outputs import path_inside, safe_case_id
 from custom.verify import label_disagreements, verify, verify_dataset
 from custom.workflow import inference_datalist
 

@@ -60,6 +60,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from custom.outputs import atomic_write_text, atomic_write_with
+
 __all__ = [
     "BUNDLE_NAME",
     "MAX_FILE_BYTES",
@@ -314,7 +316,7 @@ def _format_python(files: Sequence[Path], required: bool | None, zoo_root: Path)
         src = f.read_text()
         out = black.format_str(isort.code(src, config=cfg), mode=mode)
         if out != src:
-            f.write_text(out)
+            atomic_write_text(f, out)
     return True
 
 
@@ -374,7 +376,7 @@ def large_file_entries(
 
         large_file_entries("export/models/cascaded_3d_fcn", ["models/model.pt"], url_base="https://x.org/v1")
     """
-    from custom.checkpoint import sha256_file
+    from custom.weights import sha256_file
 
     bundle = Path(bundle)
     if files is None:
@@ -400,7 +402,7 @@ def write_large_files(bundle: str | os.PathLike, entries: Sequence[Mapping[str, 
         lines.append(f'  - path: "{e["path"]}"')
         lines += [f'    {k}: "{e[k]}"' for k in ("url", "hash_val", "hash_type")]
     out = Path(bundle) / "large_files.yml"
-    out.write_text("\n".join(lines) + "\n")
+    atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 
 
@@ -609,8 +611,8 @@ def export_bundle(
     import torch
     from monai.bundle import ConfigParser
 
-    from custom.checkpoint import write_checksums
     from custom.options import as_bool
+    from custom.weights import write_checksums
 
     overlay = _none(overlay)
     overwrite, zoo_pr = as_bool(overwrite, "overwrite"), as_bool(zoo_pr, "zoo_pr")
@@ -666,19 +668,20 @@ def export_bundle(
             if "bundle_root" in configs[path.name]:
                 configs[path.name]["bundle_root"] = "."
         for fname, cfg in configs.items():
-            (bundle / "configs" / fname).write_text(_dump_json(cfg))
+            atomic_write_text(bundle / "configs" / fname, _dump_json(cfg))
 
         models = bundle / "models"
         models.mkdir()
         shipped = {}
         for k, (new, _) in WEIGHTS.items():
-            torch.save(_plain_state_dict(weight_src[k]), models / new)
+            state = _plain_state_dict(weight_src[k])
+            atomic_write_with(models / new, lambda f, state=state: torch.save(state, f))
             shipped[str(weight_src[k])] = models / new
         hint = f"overlay {overlay}" if overlay else "no overlay"
         _check_weights_fit(configs["inference.json"], bundle, shipped, hint)
         write_checksums(models)
         listing = models / "checksums.json"
-        listing.write_text(_dump_json(json.loads(listing.read_text())))  # the zoo's JSON layout
+        atomic_write_text(listing, _dump_json(json.loads(listing.read_text())))  # the zoo's JSON layout
 
         modules = runtime_modules([c for f, c in configs.items() if f != "metadata.json"], pkg_src)
         (bundle / "custom").mkdir()
@@ -692,7 +695,7 @@ def export_bundle(
         test_file = tmp / "ci" / "unit_tests" / unit_test.name
         test_file.parent.mkdir(parents=True)
         n_labels = len(ConfigParser(configs["inference.json"]).get_parsed_content("labels"))
-        test_file.write_text(unit_test_source(name, n_labels))
+        atomic_write_text(test_file, unit_test_source(name, n_labels))
         _format_python([*(bundle / "custom").glob("*.py"), test_file], format_code, tmp)
 
         listed = [f"models/{v[0]}" for v in WEIGHTS.values()] if zoo_pr else None
@@ -749,7 +752,7 @@ def _zoo_tree(export_root: Path, name: str, schema: str, work: Path) -> Path:
     zoo = work / "zoo"
     bundle = zoo / "models" / name
     shutil.copytree(export_root / "models" / name, bundle)
-    (zoo / "models" / "model_info.json").write_text("{}\n")
+    atomic_write_text(zoo / "models" / "model_info.json", "{}\n")
     (bundle / "eval").mkdir()
     shutil.copy2(schema, bundle / "eval" / "schema.json")
     upload = export_root / "upload"
@@ -764,7 +767,7 @@ def _zoo_tree(export_root: Path, name: str, schema: str, work: Path) -> Path:
     (zoo / "ci" / "unit_tests").mkdir(parents=True)
     for f in tests.glob("*.py"):
         shutil.copy2(f, zoo / "ci" / "unit_tests" / f.name)
-    (zoo / "ci" / "unit_tests" / "utils.py").write_text(UNIT_TEST_UTILS)
+    atomic_write_text(zoo / "ci" / "unit_tests" / "utils.py", UNIT_TEST_UTILS)
     return zoo
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from custom.labels import label_names, resolve_labels
+from custom.outputs import atomic_write_text
 from tools.phantom.generate import GENERATOR_VERSION, generate_phantom
 
 
@@ -105,7 +106,7 @@ def write_dataset(
     }
     out.mkdir(parents=True, exist_ok=True)
     path = out / "dataset.json"
-    path.write_text(json.dumps(meta, indent=2))
+    atomic_write_text(path, json.dumps(meta, indent=2))
     return path
 
 

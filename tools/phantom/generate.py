@@ -36,19 +36,23 @@ class Phantom:
     params: dict[str, Any] = field(default_factory=dict)
 
     def save(self, image_path: str | Path, label_path: str | Path) -> tuple[Path, Path]:
-        """Write image (int16) and label (uint8) NIfTI files with the affine in both qform and sform."""
+        """Write image (int16) and label (uint8) NIfTI files with the affine in both qform and sform, each through
+        :func:`custom.outputs.atomic_write` (a killed run leaves no truncated case)."""
         import nibabel as nib
+
+        from custom.outputs import atomic_write
 
         out = []
         for arr, path, dtype in ((self.image, image_path, np.int16), (self.label, label_path, np.uint8)):
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
             img = nib.Nifti1Image(np.asarray(arr).astype(dtype, copy=False), self.affine)
             img.header.set_data_dtype(dtype)
             img.set_qform(self.affine, code=1)
             img.set_sform(self.affine, code=1)
             img.header.set_xyzt_units("mm", "sec")
-            nib.save(img, str(path))
+            suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"  # nibabel picks the format by it
+            with atomic_write(path, suffix=suffix) as tmp:
+                nib.save(img, str(tmp))
             out.append(path)
         return out[0], out[1]
 
