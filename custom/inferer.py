@@ -183,22 +183,9 @@ class ValidTiledInferer(Inferer):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        if mode not in ("aligned", "paper"):
-            raise ValueError(f"mode must be 'aligned' or 'paper', got {mode!r}")
-        if int(overlap) not in ALIGNED_SHIFTS:
-            raise ValueError(f"overlap must be one of {sorted(ALIGNED_SHIFTS)}, got {overlap!r}")
-        if padding_mode not in ("constant", "replicate"):
-            raise ValueError(f"padding_mode must be 'constant' or 'replicate', got {padding_mode!r}")
-        if activation not in ("softmax", "sigmoid", "none"):
-            raise ValueError(f"activation must be 'softmax', 'sigmoid' or 'none', got {activation!r}")
-        if int(sw_batch_size) < 1:
-            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
-        if tile_size is not None:
-            tile_size = tuple(int(t) for t in tile_size)
-            if len(tile_size) != 3 or min(tile_size) < 1:
-                raise ValueError(f"tile_size must be 3 positive sizes (x, y, z), got {tile_size}")
-        if align % 2:
-            raise ValueError(f"align must be even (pooling period), got {align}")
+        tile_size = _check_arguments(
+            mode, tile_size, overlap, padding_mode, activation, sw_batch_size, align, min_output, tile_overhead
+        )
         self.mode = mode
         self.tile_size = tile_size
         self.memory_budget_mb = memory_budget_mb
@@ -218,8 +205,6 @@ class ValidTiledInferer(Inferer):
         self.min_output = int(min_output)
         self.mask_from_last_channel = bool(mask_from_last_channel)
         self.mask_aware = bool(mask_aware)
-        if float(tile_overhead) < 0:
-            raise ValueError(f"tile_overhead must be >= 0, got {tile_overhead}")
         self.tile_overhead = float(tile_overhead)
         self.compile = bool(compile)
         self.share_encoder = bool(share_encoder)
@@ -232,11 +217,6 @@ class ValidTiledInferer(Inferer):
             "forced",
             "not resolved yet",
         )
-        if mode == "paper":
-            tile = self.tile_size or PAPER_TILE
-            bad = [t for t in tile if not self._grid().is_valid_output(t)]
-            if bad:
-                raise ValueError(f"paper-mode tile sizes must be {min_output} + {align} k (e.g. 44, 28), got {tile}")
 
     # ----------------------------------------------------------------------------------------------------- planning
     def _grid(self) -> TileGrid:
@@ -269,18 +249,8 @@ class ValidTiledInferer(Inferer):
     ) -> tuple[int, int, int]:
         """The output tile (aligned mode) with the least total cost whose batch of tiles fits ``budget_bytes``.
 
-        For every number of tiles per axis the tile is the smallest that covers the domain (see :meth:`plan`); among
-        the combinations whose :func:`estimate_tile_bytes` fits and whose largest activation stays below 2**31
-        elements, the one with the least ``tiles x (forward_flops(tile) + overhead)`` wins (``overhead`` =
-        ``tile_overhead`` x the FLOPs of the smallest tile). Without a mask every tile counts: large, near-cubic
-        tiles win, because the 88-voxel halo is paid once per tile. With ``shared`` (the R passes share the encoder,
-        see ``share_encoder``) a tile that runs for any pass costs its encoder once (:func:`encoder_flops` of the
-        input 4 voxels larger) plus the rest of the network once per pass that runs.
-
-        With a ``mask`` ((B, 1, X, Y, Z) or (X, Y, Z), nonzero = candidate) only the tiles that run count, over all
-        passes of ``overlap`` (exactly as :meth:`plan` and the run skip them): a sparse C2 skips many small tiles and
-        few large ones. The combinations with up to 16 tiles per axis are tried, as is the unmasked choice, so the
-        result never costs more than the unmasked one. Falls back to the smallest tile when nothing fits.
+        The model (FLOPs plus a per-tile overhead, only the tiles that run with a ``mask``, the encoder once per tile
+        with ``shared``) is :func:`custom.tile_choice.choose_tile_size`'s.
 
         >>> inf = ValidTiledInferer()
         >>> m = torch.zeros(1, 1, 200, 200, 200, dtype=torch.bool); m[..., 20:40, 20:40, 20:40] = True
@@ -304,10 +274,6 @@ class ValidTiledInferer(Inferer):
             mask=mask,
             shared=shared,
         )
-
-    def _tile_hits(self, mask: torch.Tensor | np.ndarray, size: tuple[int, ...]) -> Callable | None:
-        """:func:`custom.tile_choice.tile_hits` for this inferer's tiling."""
-        return tile_choice.tile_hits(self._grid(), mask, size)
 
     def _default_budget(self, device: torch.device, output_bytes: int) -> float:
         return tile_choice.default_budget_bytes(device, output_bytes, self.memory_budget_mb)
@@ -339,11 +305,6 @@ class ValidTiledInferer(Inferer):
             label=self.name or "tiles",
         )
 
-    def _decide_precision(self, network: Callable, device: torch.device) -> Precision:
-        return precision.decide_precision(
-            device, self.amp, self.channels_last, lambda configs: self._probe(network, device, configs)
-        )
-
     def probe_input_size(self) -> tuple[int, int, int]:
         """Input of the probe: the smallest valid input grown by one pooling period, 100^3 for this U-Net (a 12^3
         output). The smallest input (92^3, a 4^3 output) is not representative: its tiny deepest layers hit a slow
@@ -369,38 +330,12 @@ class ValidTiledInferer(Inferer):
         self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], mask: torch.Tensor | None = None, **kwargs
     ) -> MetaTensor:
         t0 = time.perf_counter()
-        if inputs.dim() != 5:
-            raise ValueError(f"inputs must be (B, C, X, Y, Z), got shape {tuple(inputs.shape)}")
-        batch, _, *spatial = inputs.shape
-        if isinstance(network, torch.nn.parallel.DistributedDataParallel):
-            # tiles skipped by the mask differ between ranks: DDP's per-forward buffer broadcast would deadlock
-            network = network.module
-        if self.mask_from_last_channel:
-            if mask is not None or inputs.shape[1] < 2:
-                raise ValueError("mask_from_last_channel needs >= 2 input channels and no separate mask")
-            mask, inputs = inputs[:, -1:], inputs[:, :-1]
-        if mask is not None:
-            mask = torch.as_tensor(mask)
-            if mask.dim() != 5 or mask.shape[0] != batch or mask.shape[1] != 1 or list(mask.shape[2:]) != spatial:
-                raise ValueError(f"mask must be (B, 1, X, Y, Z) = {(batch, 1, *spatial)}, got {tuple(mask.shape)}")
-            mask = mask.as_subclass(torch.Tensor).to(inputs.device) > 0
-        for name in ("margin", "align"):
-            got = getattr(network, name, None)
-            if isinstance(got, int) and got != getattr(self, name):
-                raise ValueError(f"network {name} = {got} but inferer {name} = {getattr(self, name)}")
-        meta_src = MetaTensor([]).copy_meta_from(inputs, copy_attr=False) if isinstance(inputs, MetaTensor) else None
-        x = inputs.as_subclass(torch.Tensor) if isinstance(inputs, torch.Tensor) else torch.as_tensor(inputs)
-        if not x.is_floating_point():
-            x = x.float()
-
+        x, network, mask, meta_src = _checked_inputs(inputs, network, mask, self)
+        batch, _, *spatial = x.shape
         device = _module_device(network) or x.device
         out_channels = _out_channels(network)
         out_bytes = batch * (out_channels or 8) * math.prod(spatial) * 4
-        out_device = torch.device(self.output_device) if self.output_device else x.device
-        if self.output_device is None and out_device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(out_device)
-            if out_bytes > 0.5 * free:
-                out_device = torch.device("cpu")
+        out_device = _output_device(self.output_device, x.device, out_bytes)
         on_out_dev = out_bytes if out_device.type == device.type else 0
 
         was_training = network.training if isinstance(network, nn.Module) else None
@@ -445,32 +380,7 @@ class ValidTiledInferer(Inferer):
                 network.train(was_training)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        flops_fn = getattr(network, "flops", None)
-        tile_flops = [
-            flops_fn([t + 2 * self.margin for t in p.tile_size]) if callable(flops_fn) else None for p in passes
-        ]
-        flops = stats.pop("flops", None)  # a shared-encoder run counts its own
-        runs_per_pass = stats.pop("runs_per_pass")
-        if flops is None and all(f is not None for f in tile_flops):
-            flops = sum(f * n for f, n in zip(tile_flops, runs_per_pass, strict=True))
-        n_vox = batch * math.prod(spatial)
-        stats.update(
-            mode=self.mode,
-            overlap=self.overlap,
-            passes=len(passes),
-            tile_size=list(passes[0].tile_size),
-            input_tile_size=[t + 2 * self.margin for t in passes[0].tile_size],
-            flops=flops,
-            flops_per_voxel=None if flops is None else flops / n_vox,
-            device=str(device),
-            output_device=str(out_device),
-            dtype=str(self._prec.dtype).replace("torch.", ""),
-            channels_last=self._prec.channels_last,
-            precision={**self._prec.as_dict(), "amp": self.amp, "fold_bn": folded},
-            folded_bn=folded,
-            oom_fallbacks=fallbacks,
-            seconds=time.perf_counter() - t0,
-        )
+        stats = _call_stats(self, stats, passes, network, x.shape, device, out_device, folded, fallbacks, t0)
         self.last_stats = stats
         logger.info(
             "%s: %d tiles run, %d skipped, %.1f s (%s, %s)",
@@ -576,3 +486,104 @@ def _in_channels(network: Callable) -> int | None:
             if isinstance(mod, (nn.Conv3d, nn.ConvTranspose3d)):
                 return int(mod.in_channels)
     return None
+
+
+def _check_arguments(
+    mode, tile_size, overlap, padding_mode, activation, sw_batch_size, align, min_output, tile_overhead
+) -> tuple[int, ...] | None:
+    """The constructor's checks (a ``ValueError`` naming the argument); returns ``tile_size`` as a tuple or None."""
+    if mode not in ("aligned", "paper"):
+        raise ValueError(f"mode must be 'aligned' or 'paper', got {mode!r}")
+    if int(overlap) not in ALIGNED_SHIFTS:
+        raise ValueError(f"overlap must be one of {sorted(ALIGNED_SHIFTS)}, got {overlap!r}")
+    if padding_mode not in ("constant", "replicate"):
+        raise ValueError(f"padding_mode must be 'constant' or 'replicate', got {padding_mode!r}")
+    if activation not in ("softmax", "sigmoid", "none"):
+        raise ValueError(f"activation must be 'softmax', 'sigmoid' or 'none', got {activation!r}")
+    if int(sw_batch_size) < 1:
+        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    if tile_size is not None:
+        tile_size = tuple(int(t) for t in tile_size)
+        if len(tile_size) != 3 or min(tile_size) < 1:
+            raise ValueError(f"tile_size must be 3 positive sizes (x, y, z), got {tile_size}")
+    if align % 2:
+        raise ValueError(f"align must be even (pooling period), got {align}")
+    if float(tile_overhead) < 0:
+        raise ValueError(f"tile_overhead must be >= 0, got {tile_overhead}")
+    if mode == "paper":
+        tile = tile_size or PAPER_TILE
+        if not all(TileGrid(mode, int(overlap), int(min_output), int(align)).is_valid_output(t) for t in tile):
+            raise ValueError(f"paper-mode tile sizes must be {min_output} + {align} k (e.g. 44, 28), got {tile}")
+    return tile_size
+
+
+def _checked_inputs(inputs, network, mask, inf: ValidTiledInferer) -> tuple:
+    """(image as a float tensor, the network to run, boolean mask or None, MetaTensor metadata or None) of a call,
+    after the checks of shapes, mask and margin."""
+    if inputs.dim() != 5:
+        raise ValueError(f"inputs must be (B, C, X, Y, Z), got shape {tuple(inputs.shape)}")
+    batch, _, *spatial = inputs.shape
+    if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+        # tiles skipped by the mask differ between ranks: DDP's per-forward buffer broadcast would deadlock
+        network = network.module
+    if inf.mask_from_last_channel:
+        if mask is not None or inputs.shape[1] < 2:
+            raise ValueError("mask_from_last_channel needs >= 2 input channels and no separate mask")
+        mask, inputs = inputs[:, -1:], inputs[:, :-1]
+    if mask is not None:
+        mask = torch.as_tensor(mask)
+        if mask.dim() != 5 or mask.shape[0] != batch or mask.shape[1] != 1 or list(mask.shape[2:]) != spatial:
+            raise ValueError(f"mask must be (B, 1, X, Y, Z) = {(batch, 1, *spatial)}, got {tuple(mask.shape)}")
+        mask = mask.as_subclass(torch.Tensor).to(inputs.device) > 0
+    for name in ("margin", "align"):
+        got = getattr(network, name, None)
+        if isinstance(got, int) and got != getattr(inf, name):
+            raise ValueError(f"network {name} = {got} but inferer {name} = {getattr(inf, name)}")
+    meta_src = MetaTensor([]).copy_meta_from(inputs, copy_attr=False) if isinstance(inputs, MetaTensor) else None
+    x = inputs.as_subclass(torch.Tensor) if isinstance(inputs, torch.Tensor) else torch.as_tensor(inputs)
+    if not x.is_floating_point():
+        x = x.float()
+
+    return x, network, mask, meta_src
+
+
+def _output_device(output_device: str | None, input_device: torch.device, out_bytes: int) -> torch.device:
+    """``output_device``, else the input's device, falling back to the CPU when the output does not fit in free
+    CUDA memory."""
+    out_device = torch.device(output_device) if output_device else input_device
+    if output_device is None and out_device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(out_device)
+        if out_bytes > 0.5 * free:
+            out_device = torch.device("cpu")
+    return out_device
+
+
+def _call_stats(
+    inf: ValidTiledInferer, stats, passes, network, shape, device, out_device, folded, fallbacks, t0
+) -> dict:
+    """``last_stats`` of a call: the executor's ``stats`` with the FLOPs, the plan, the devices and the precision."""
+    flops_fn = getattr(network, "flops", None)
+    tile_flops = [flops_fn([t + 2 * inf.margin for t in p.tile_size]) if callable(flops_fn) else None for p in passes]
+    flops = stats.pop("flops", None)  # a shared-encoder run counts its own
+    runs_per_pass = stats.pop("runs_per_pass")
+    if flops is None and all(f is not None for f in tile_flops):
+        flops = sum(f * n for f, n in zip(tile_flops, runs_per_pass, strict=True))
+    n_vox = math.prod(shape[:1] + shape[2:])
+    stats.update(
+        mode=inf.mode,
+        overlap=inf.overlap,
+        passes=len(passes),
+        tile_size=list(passes[0].tile_size),
+        input_tile_size=[t + 2 * inf.margin for t in passes[0].tile_size],
+        flops=flops,
+        flops_per_voxel=None if flops is None else flops / n_vox,
+        device=str(device),
+        output_device=str(out_device),
+        dtype=str(inf._prec.dtype).replace("torch.", ""),
+        channels_last=inf._prec.channels_last,
+        precision={**inf._prec.as_dict(), "amp": inf.amp, "fold_bn": folded},
+        folded_bn=folded,
+        oom_fallbacks=fallbacks,
+        seconds=time.perf_counter() - t0,
+    )
+    return stats

@@ -129,7 +129,21 @@ def choose_tile_size(
     shared: bool = False,
 ) -> tuple[int, int, int]:
     """The output tile of ``grid`` (aligned mode) with the least total cost whose batch of ``sw_batch_size`` tiles
-    fits ``budget_bytes``; see :meth:`custom.inferer.ValidTiledInferer.choose_tile_size` for the model."""
+    fits ``budget_bytes`` (inputs: the tile grown by ``margin`` per side).
+
+    For every number of tiles per axis the tile is the smallest that covers the domain (see
+    :meth:`custom.tiling.TileGrid.plan`); among the combinations whose :func:`estimate_tile_bytes` fits and whose
+    largest activation stays below 2**31 elements, the one with the least ``tiles x (forward_flops(tile) +
+    overhead)`` wins (``overhead`` = ``tile_overhead`` x the FLOPs of the smallest tile). Without a mask every tile
+    counts: large, near-cubic tiles win, because the 88-voxel halo is paid once per tile. With ``shared`` (the R
+    passes share the encoder, see ``share_encoder``) a tile that runs for any pass costs its encoder once
+    (:func:`encoder_flops` of the input 4 voxels larger) plus the rest of the network once per pass that runs.
+
+    With a ``mask`` ((B, 1, X, Y, Z) or (X, Y, Z), nonzero = candidate) only the tiles that run count, over all
+    passes of ``overlap`` (exactly as the plan and the run skip them): a sparse C2 skips many small tiles and few
+    large ones. The combinations with up to 16 tiles per axis are tried, as is the unmasked choice, so the result
+    never costs more than the unmasked one. Falls back to the smallest tile when nothing fits.
+    """
     min_tile = grid.min_tile()
     size = tuple(int(n) for n in spatial_size)
     ext = grid.ext()
