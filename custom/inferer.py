@@ -59,7 +59,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
@@ -234,23 +233,14 @@ class ValidTiledInferer(Inferer):
         """How many predictions are averaged at each voxel (int32, shape ``spatial_size``), from :meth:`plan`."""
         return torch.from_numpy(self._grid().coverage_count(spatial_size, tile_size or self.tile_size))
 
-    def choose_tile_size(
-        self,
-        spatial_size: Sequence[int],
-        budget_bytes: float,
-        in_channels: int = 1,
-        out_channels: int = 8,
-        features: int = 32,
-        elem_bytes: int = 4,
-        folded: bool = True,
-        device_type: str = "cpu",
-        mask: torch.Tensor | np.ndarray | None = None,
-        shared: bool = False,
-    ) -> tuple[int, int, int]:
+    def choose_tile_size(self, spatial_size: Sequence[int], budget_bytes: float, **model: Any) -> tuple[int, int, int]:
         """The output tile (aligned mode) with the least total cost whose batch of tiles fits ``budget_bytes``.
 
-        The model (FLOPs plus a per-tile overhead, only the tiles that run with a ``mask``, the encoder once per tile
-        with ``shared``) is :func:`custom.tile_choice.choose_tile_size`'s.
+        ``model``: the keywords of :func:`custom.tile_choice.choose_tile_size` that describe the network and the run
+        (``in_channels``, ``out_channels``, ``features``, ``elem_bytes``, ``folded``, ``device_type``, ``mask``,
+        ``shared``); the model (FLOPs plus a per-tile overhead, only the tiles that run with a ``mask``, the encoder
+        once per tile with ``shared``) is described there. This inferer gives the tiling, margin, batch size, layout
+        and ``tile_overhead``.
 
         >>> inf = ValidTiledInferer()
         >>> m = torch.zeros(1, 1, 200, 200, 200, dtype=torch.bool); m[..., 20:40, 20:40, 20:40] = True
@@ -265,14 +255,7 @@ class ValidTiledInferer(Inferer):
             sw_batch_size=self.sw_batch_size,
             channels_last=self._prec.channels_last,
             tile_overhead=self.tile_overhead,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            features=features,
-            elem_bytes=elem_bytes,
-            folded=folded,
-            device_type=device_type,
-            mask=mask,
-            shared=shared,
+            **model,
         )
 
     def _default_budget(self, device: torch.device, output_bytes: int) -> float:
