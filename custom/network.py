@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 __all__ = [
     "ALIGN",
@@ -115,6 +116,12 @@ def _center_crop(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     d1 = (x.shape[3] - ref.shape[3]) // 2
     d2 = (x.shape[4] - ref.shape[4]) // 2
     return x[:, :, d0 : d0 + ref.shape[2], d1 : d1 + ref.shape[3], d2 : d2 + ref.shape[4]]
+
+
+def _crop(x: torch.Tensor, offset: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """The spatial box of ``x`` at ``offset`` of ``size``."""
+    o, n = offset, size
+    return x[:, :, o[0] : o[0] + n[0], o[1] : o[1] + n[1], o[2] : o[2] + n[2]]
 
 
 class _ConvBlock(nn.Module):
@@ -210,9 +217,18 @@ class ValidUNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_valid_input(x)
+        s1, s2, s3 = self._encode(x)
+        return self._decode(s1, s2, s3)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder levels 1-3: the three skips (before the first, second and third pooling)."""
         s1 = self.enc1b(self.enc1a(x))
         s2 = self.enc2b(self.enc2a(F.max_pool3d(s1, 2)))
         s3 = self.enc3b(self.enc3a(F.max_pool3d(s2, 2)))
+        return s1, s2, s3
+
+    def _decode(self, s1: torch.Tensor, s2: torch.Tensor, s3: torch.Tensor) -> torch.Tensor:
+        """The third pooling, the bottleneck and the decoder (crop-and-concat of the skips), then the head."""
         u = self.enc4b(self.enc4a(F.max_pool3d(s3, 2)))
         u = self.up3(u)
         u = self.dec3b(self.dec3a(torch.cat([u, _center_crop(s3, u)], dim=1)))
@@ -221,6 +237,39 @@ class ValidUNet3D(nn.Module):
         u = self.up1(u)
         u = self.dec1b(self.dec1a(torch.cat([u, _center_crop(s1, u)], dim=1)))
         return self.head(u)
+
+    def phase_shared_forward(
+        self, x: torch.Tensor, offsets: Sequence[Sequence[int]], in_size: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """Logits of the ``in_size`` tiles of ``x`` at ``offsets`` (each 0 or 4 per axis), sharing encoder levels 1-3.
+
+        Valid convolutions commute with cropping, and an offset of 4 is a multiple of the first two pooling windows'
+        period (2 at level 1, 4 in input voxels at level 2), so the features of levels 1-3 of every tile are crops of
+        those of ``x``; the third pooling (period 8) differs between offsets 0 and 4 and runs per tile, with the
+        bottleneck and the decoder. Equals ``[self(crop) for crop in tiles]`` (same modules, same order of operations
+        per tile). The tiled inferer runs its pooling-phase passes (``overlap``) this way.
+
+        >>> net = ValidUNet3D(out_channels=2, features=2).eval()
+        >>> x = torch.randn(1, 1, 104, 100, 100)
+        >>> a, b = net.phase_shared_forward(x, [(0, 0, 0), (4, 0, 0)], (100, 100, 100))
+        >>> torch.allclose(a, net(x[..., :100, :, :]), atol=1e-5), torch.allclose(b, net(x[..., 4:, :, :]), atol=1e-5)
+        (True, True)
+        """
+        for d in offsets:
+            if any(int(o) % 4 for o in d):
+                raise ValueError(f"tile offsets must be multiples of 4 (a quarter of the pooling period 8), got {d}")
+        s1, s2, s3 = self._encode(x)
+        l1 = [int(n) - 4 for n in in_size]
+        l2 = [n // 2 - 4 for n in l1]
+        l3 = [n // 2 - 4 for n in l2]
+        outs = []
+        for d in offsets:
+            o = [int(v) for v in d]
+            c1 = _crop(s1, o, l1)
+            c2 = _crop(s2, [v // 2 for v in o], l2)
+            c3 = _crop(s3, [v // 4 for v in o], l3)
+            outs.append(self._decode(c1, c2, c3))
+        return outs
 
     def flops(self, spatial_size: Sequence[int]) -> int:
         """Forward FLOPs (2 x multiply-adds of the convolutions) for one input of ``spatial_size``."""
@@ -270,7 +319,8 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     In eval mode BatchNorm is a per-channel affine map ``y = a x + c`` with ``a = gamma / sqrt(var + eps)`` and
     ``c = beta - a mean``; folding it into the preceding (up-)convolution removes one pass over every activation,
     which matters for inference speed (2x on the CPU, 1.25x on an H200 at the paper's widths; REFERENCE.md). The fold
-    is computed in float64, so it is exact up to the final rounding. ``net`` itself is not modified.
+    is torch's ``fuse_conv_bn_weights`` computed in float64, so it is exact up to the final rounding. ``net`` itself is
+    not modified.
 
     >>> net = ValidUNet3D(features=4).eval()
     >>> x = torch.randn(1, 1, 92, 92, 92)
@@ -285,20 +335,21 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
         with torch.no_grad():
-            var = bn.running_var.double()
-            scale = torch.rsqrt(var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight.double()
-            shift = -bn.running_mean.double() * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias.double()
-            w = conv.weight.double()
-            # Conv3d weights are (out, in, k, k, k); ConvTranspose3d weights are (in, out, k, k, k).
-            shape = (1, -1, 1, 1, 1) if isinstance(conv, nn.ConvTranspose3d) else (-1, 1, 1, 1, 1)
-            new_w = (w * scale.reshape(shape)).to(conv.weight.dtype)
-            old_b = conv.bias.double() if conv.bias is not None else torch.zeros_like(shift)
-            new_b = (old_b * scale + shift).to(conv.weight.dtype)
-        conv.weight = nn.Parameter(new_w, requires_grad=False)
-        conv.bias = nn.Parameter(new_b, requires_grad=False)
+            w, b = fuse_conv_bn_weights(
+                _f64(conv.weight),
+                _f64(conv.bias),
+                _f64(bn.running_mean),
+                _f64(bn.running_var),
+                bn.eps,
+                _f64(bn.weight),
+                _f64(bn.bias),
+                transpose=isinstance(conv, nn.ConvTranspose3d),  # ConvTranspose3d weights are (in, out, k, k, k)
+            )
+        conv.weight = nn.Parameter(w.to(conv.weight.dtype), requires_grad=False)
+        conv.bias = nn.Parameter(b.to(conv.weight.dtype), requires_grad=False)
         block.norm = nn.Identity()
     return folded
+
+
+def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.double()

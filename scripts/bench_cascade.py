@@ -60,7 +60,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import custom.inferer as inferer_mod  # noqa: E402
+import custom.precision as precision_mod  # noqa: E402
 from custom import runtime  # noqa: E402
 from custom.cascade import CascadeInferer  # noqa: E402
 from custom.inferer import ValidTiledInferer  # noqa: E402
@@ -370,7 +370,7 @@ def count_tiles(inferer: ValidTiledInferer, spatial, mask: torch.Tensor) -> tupl
 
 def plan_cost(inferer: ValidTiledInferer, spatial, tile, mask: torch.Tensor, shared: bool, args) -> tuple:
     """(tiles run, distinct tile positions run, forward FLOPs) of a plan for ``mask``, counted tile by tile."""
-    from custom.inferer import encoder_flops
+    from custom.tile_choice import encoder_flops
 
     passes = inferer.plan(spatial, tile)
     m = mask.reshape(*spatial).bool()
@@ -731,7 +731,7 @@ def levers(case: dict, pre: dict, nets, args, device, outdir: Path) -> dict:
 
 
 def _amp_list(text: str) -> list:
-    return [inferer_mod._auto_or_bool(a, "amp") for a in text.split(",") if a.strip()]
+    return [precision_mod.auto_or_bool(a, "amp") for a in text.split(",") if a.strip()]
 
 
 def _min_median(xs: list[float]) -> dict:
@@ -762,7 +762,7 @@ def precision_matrix(args, device, workdir: Path) -> dict:
         for rep in range(reps):
             for amp in case_amps:
                 if amp == "auto":
-                    inferer_mod._PRECISION_CACHE.clear()
+                    precision_mod.PRECISION_CACHE.clear()
                 sub.amp = amp
                 row = run_cascade(case, pre, nets, "project", sub, device, workdir / "precision")
                 runs[str(amp)].append(row)
@@ -1006,7 +1006,7 @@ def main(argv: list[str] | None = None) -> dict:
     for s in ("cascade", "paper", "monai", "train", "levers", "precision", "large"):
         p.add_argument(f"--skip-{s}", action="store_true")
     args = p.parse_args(argv)
-    args.amp = False if args.fp32 else inferer_mod._auto_or_bool(args.amp, "amp")
+    args.amp = False if args.fp32 else precision_mod.auto_or_bool(args.amp, "amp")
     args.precision_widths = args.precision_widths or ("2" if args.quick else "8,32")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -243,9 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.max_est_mb is None:
-        from custom.inferer import _available_ram_bytes
+        from custom.tile_choice import available_ram_bytes
 
-        avail = _available_ram_bytes()
+        avail = available_ram_bytes()
         args.max_est_mb = 0.5 * avail / 2**20 if avail else None
     rows, device, size = bench(args)
     print(report(rows, device, size, args))

@@ -1,11 +1,11 @@
-"""ValidTiledInferer: aligned tiling equals one whole-volume pass; paper tiling geometry and coverage; masks; metadata.
+"""ValidTiledInferer: aligned tiling equals one whole-volume pass; paper tiles are the network on their crops; masks;
+metadata; the folded copy. The plan itself is tested in test_tiling.py, the tile choice in test_tile_choice.py.
 
 Kaiming-initialised narrow networks (features=4) with random BatchNorm statistics, float32 (amp=False) unless stated.
 """
 
 from __future__ import annotations
 
-import math
 import unittest
 
 import numpy as np
@@ -16,8 +16,8 @@ from monai.data import MetaTensor, decollate_batch, list_data_collate
 from monai.transforms import Compose, EnsureTyped, Invertd, Zoomd
 from parameterized import parameterized
 
-from custom.inferer import ValidTiledInferer, estimate_tile_bytes, max_activation_elements
-from custom.network import ValidUNet3D, forward_flops, valid_input_size_for_output
+from custom.inferer import ValidTiledInferer
+from custom.network import ValidUNet3D, valid_input_size_for_output
 from tests.test_network import randomize_bn
 
 K = 3
@@ -88,76 +88,8 @@ class TestAlignedTiling(unittest.TestCase):
         self.assertGreater((ref0 - ref4).abs().max().item(), 1e-3)  # the two phases really differ
         self.assertEqual((inferer.last_stats["passes"], inferer.last_stats["tiles_run"]), (2, 2))
 
-    @parameterized.expand([(1,), (2,), (4,), (8,)])
-    def test_aligned_coverage_is_exactly_r(self, r):
-        inferer = ValidTiledInferer(overlap=r, tile_size=(20, 28, 12))
-        count = inferer.coverage_count((61, 40, 33))
-        self.assertTrue(bool((count == r).all()), f"coverage values {count.unique().tolist()}")
-        passes = inferer.plan((61, 40, 33))
-        self.assertEqual(len({p.shift for p in passes}), r)
-        for p in passes:
-            self.assertTrue(all(t % 8 == 4 for t in p.tile_size))
-            for st in p.starts:  # tile offsets are multiples of 8 from the pass's padded origin (-shift)
-                self.assertTrue(all((o + s) % 8 == 0 for o, s in zip(st, p.shift, strict=True)))
-
-    def test_tiles_rebalanced(self):
-        """A wanted tile of 100 on a 172-voxel domain becomes 2 tiles of 92 (least overlap), not 100 + 100."""
-        p = ValidTiledInferer(tile_size=(100, 100, 100)).plan((170, 90, 20))[0]
-        self.assertEqual(p.tile_size, (92, 92, 20))
-        self.assertEqual(sorted({st[0] for st in p.starts}), [0, 80])
-
-    def test_memory_budget_chooses_tiles(self):
-        inferer = ValidTiledInferer()
-        size = (256, 256, 250)
-        self.assertEqual(inferer.choose_tile_size((250, 250, 200), 1e15, features=4), (252, 252, 204))  # one tile
-        previous = None
-        for gb in (1, 2, 4, 8):
-            budget = gb * 2**30
-            tile = inferer.choose_tile_size(size, budget, features=32, elem_bytes=2)
-            self.assertTrue(all(t % 8 == 4 for t in tile), tile)
-            ins = [t + 88 for t in tile]
-            self.assertLessEqual(estimate_tile_bytes(ins, features=32, elem_bytes=2), budget)
-            total = len(inferer.plan(size, tile)[0].starts) * forward_flops(ins)
-            if previous is not None:
-                self.assertLessEqual(total, previous)  # more memory never costs more FLOPs
-            previous = total
-            if gb == 4:  # the CPU default: 8 tiles of 132^3, 3.2 MFLOP per voxel (paper tiles: 9.7 per output voxel)
-                self.assertEqual(tile, (132, 132, 132))
-                self.assertLess(total / math.prod(size), 3.3e6)
-        self.assertEqual(inferer.choose_tile_size(size, 1.0, features=32), (12, 12, 12))
-
-    def test_element_cap(self):
-        tile = ValidTiledInferer().choose_tile_size((600, 600, 600), 1e15, features=32)
-        self.assertLessEqual(max_activation_elements([t + 88 for t in tile], 32), 2**31 - 1)
-
 
 class TestPaperTiling(unittest.TestCase):
-    @parameterized.expand([((256, 256, 250), 1, 324), ((256, 256, 250), 4, 1089), ((100, 50, 28), 1, 6)])
-    def test_tile_counts(self, size, r, n):
-        """REFERENCE.md section 3: 324 non-overlapping and 1089 4x-overlap tiles on 256x256x250."""
-        passes = ValidTiledInferer(mode="paper", overlap=r).plan(size)
-        self.assertEqual(len(passes[0].starts), n)
-        self.assertEqual(passes[0].tile_size, (44, 44, 28))
-
-    def test_non_overlapping_covers_once(self):
-        count = ValidTiledInferer(mode="paper").coverage_count((100, 50, 60))
-        self.assertTrue(bool((count == 1).all()))
-
-    @parameterized.expand([(2, (0,)), (4, (0, 1)), (8, (0, 1, 2))])
-    def test_overlap_covers_interior_r_times(self, r, halved):
-        size, tile = (120, 100, 70), (44, 44, 28)
-        count = ValidTiledInferer(mode="paper", overlap=r).coverage_count(size)
-        # interior of a halved axis: from half a tile to one tile before the end (the first and last half tiles are
-        # sampled once on that axis, as in the paper's tiling that starts at the image corner)
-        inner = tuple(
-            slice(t // 2, n - t) if a in halved else slice(None)
-            for a, (n, t) in enumerate(zip(size, tile, strict=True))
-        )
-        self.assertEqual(int(count[inner].min()), r)
-        self.assertEqual(int(count[inner].max()), r)
-        self.assertEqual(int(count.min()), 1)
-        self.assertEqual(int(count.max()), r)
-
     def test_tiles_equal_net_on_crop(self):
         """Each paper tile is the network on its own 88-voxel-larger crop; the tiling does not equal one pass."""
         x = torch.randn(1, 1, 24, 10, 4, generator=torch.Generator().manual_seed(3))

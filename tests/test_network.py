@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import unittest
 
@@ -153,6 +154,23 @@ class TestValidUNet3D(unittest.TestCase):
         net.enc1a.norm = nn.BatchNorm3d(2, track_running_stats=False)
         with self.assertRaisesRegex(ValueError, "running statistics"):
             fold_batchnorm(net)
+
+    @parameterized.expand([("cicek",), ("prototxt",)])
+    def test_phase_shared_forward_equals_network_on_each_crop(self, layout):
+        torch.manual_seed(0)
+        net = randomize_bn(ValidUNet3D(out_channels=3, features=2, layout=layout), 1).eval()
+        size = (92, 100, 92)
+        x = torch.randn(1, 1, *(n + 4 for n in size))
+        offsets = list(itertools.product((0, 4), repeat=3))
+        with torch.no_grad():
+            got = net.phase_shared_forward(x, offsets, size)
+            for d, g in zip(offsets, got, strict=True):
+                ref = net(x[:, :, d[0] : d[0] + size[0], d[1] : d[1] + size[1], d[2] : d[2] + size[2]])
+                torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5)
+            # the two phases of the third pooling really differ
+            self.assertGreater((got[0] - got[-1]).abs().max().item(), 1e-3)
+        with self.assertRaises(ValueError):
+            net.phase_shared_forward(x, [(2, 0, 0)], size)
 
     def test_torchscript(self):
         torch.manual_seed(2)

@@ -1,4 +1,4 @@
-"""ValidTiledInferer's ``amp="auto"`` / ``channels_last="auto"`` decision, forced values, and the progress bar.
+"""custom.precision: ``amp="auto"`` / ``channels_last="auto"`` decisions (through ValidTiledInferer), forced values.
 
 The capability check and the probe are stubbed where the decision logic is tested: nothing here depends on the CPU
 this runs on, its ISA or its speed. Where the real probe runs, the clock is a fake one advanced by the network.
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-import custom.inferer as inferer_mod
+import custom.precision as precision_mod
 from custom.inferer import Precision, ValidTiledInferer
 from custom.network import ValidUNet3D
 from tests.test_network import randomize_bn
@@ -28,14 +28,14 @@ def make_net(seed: int = 0, features: int = 4) -> ValidUNet3D:
 
 @pytest.fixture
 def fresh_cache(monkeypatch):
-    monkeypatch.setattr(inferer_mod, "_PRECISION_CACHE", {})
+    monkeypatch.setattr(precision_mod, "PRECISION_CACHE", {})
 
 
 def stub(monkeypatch, native: bool, times: dict | None = None) -> list:
     """Stub the capability (``native``) and the probe (returns ``times`` for the configurations asked); returns the
     list of probe calls (the configurations of each)."""
     calls: list = []
-    monkeypatch.setattr(inferer_mod.runtime, "cpu_bf16_supported", lambda: native)
+    monkeypatch.setattr(precision_mod.runtime, "cpu_bf16_supported", lambda: native)
 
     def probe(self, network, device, configs):
         calls.append(list(configs))
@@ -108,7 +108,7 @@ class TestAutoDecision:
 
     def test_decision_cached_per_network_shape_and_logged_once(self, monkeypatch, caplog):
         calls = stub(monkeypatch, native=True, times={FP32_CL: 0.2, BF16_CL: 0.05})
-        with caplog.at_level(logging.INFO, logger="custom.inferer"):
+        with caplog.at_level(logging.INFO, logger="custom.precision"):
             a = ValidTiledInferer(name="stage 1").resolve_precision(make_net(0), CPU)
             b = ValidTiledInferer(name="stage 2").resolve_precision(make_net(1), CPU)  # same shapes, other weights
             c = ValidTiledInferer().resolve_precision(make_net(0, features=2), CPU)  # other widths: probed again
@@ -121,17 +121,17 @@ class TestAutoDecision:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stub GPU")
         for ok, dtype in ((True, torch.bfloat16), (False, torch.float32)):
             monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda ok=ok: ok)
-            prec = ValidTiledInferer()._decide_precision(make_net(), torch.device("cuda"))
+            prec = precision_mod.decide_precision(torch.device("cuda"), "auto", "auto", probe_fn=None)
             assert (prec.dtype, prec.channels_last, prec.source) == (dtype, True, "capability")
 
     def test_failing_probe_falls_back_to_float32(self, monkeypatch, caplog):
-        monkeypatch.setattr(inferer_mod.runtime, "cpu_bf16_supported", lambda: True)
+        monkeypatch.setattr(precision_mod.runtime, "cpu_bf16_supported", lambda: True)
 
         def broken(self, network, device, configs):
             raise RuntimeError("no kernel")
 
         monkeypatch.setattr(ValidTiledInferer, "_probe", broken)
-        with caplog.at_level(logging.WARNING, logger="custom.inferer"):
+        with caplog.at_level(logging.WARNING, logger="custom.precision"):
             prec = ValidTiledInferer().resolve_precision(make_net(), CPU)
         assert prec.dtype == torch.float32 and "probe failed" in prec.reason
         assert any("precision probe failed" in r.getMessage() for r in caplog.records)
@@ -169,8 +169,8 @@ def test_real_probe_drops_the_slow_bf16_path(monkeypatch):
     """The probe itself (not stubbed) on a network whose timings come from a fake clock: the 20x bfloat16 trap is
     dropped after its warm-up even where the capability check claims native support."""
     clock = FakeClock()
-    monkeypatch.setattr(inferer_mod.time, "perf_counter", clock)
-    monkeypatch.setattr(inferer_mod.runtime, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(precision_mod.time, "perf_counter", clock)
+    monkeypatch.setattr(precision_mod.runtime, "cpu_bf16_supported", lambda: True)
     net = CostlyNet(clock)
     inf = ValidTiledInferer(tile_size=(12, 12, 12), activation="none")
     prec = inf.resolve_precision(net, CPU)
@@ -183,8 +183,8 @@ def test_real_probe_drops_the_slow_bf16_path(monkeypatch):
 @pytest.mark.usefixtures("fresh_cache")
 def test_real_probe_times_again_when_close(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(inferer_mod.time, "perf_counter", clock)
-    monkeypatch.setattr(inferer_mod.runtime, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(precision_mod.time, "perf_counter", clock)
+    monkeypatch.setattr(precision_mod.runtime, "cpu_bf16_supported", lambda: True)
     net = CostlyNet(clock, bf16_cost=0.095)  # 5 % faster: within the margin, float32 is kept
     prec = ValidTiledInferer(channels_last=False, activation="none").resolve_precision(net, CPU)
     assert (prec.dtype, prec.channels_last) == (torch.float32, False)
@@ -194,8 +194,8 @@ def test_real_probe_times_again_when_close(monkeypatch):
 @pytest.mark.usefixtures("fresh_cache")
 def test_real_probe_stops_early_when_bf16_wins_clearly(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(inferer_mod.time, "perf_counter", clock)
-    monkeypatch.setattr(inferer_mod.runtime, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(precision_mod.time, "perf_counter", clock)
+    monkeypatch.setattr(precision_mod.runtime, "cpu_bf16_supported", lambda: True)
     net = CostlyNet(clock, bf16_cost=0.02)
     prec = ValidTiledInferer(activation="none").resolve_precision(net, CPU)
     assert (prec.dtype, prec.channels_last) == (torch.bfloat16, True)
@@ -227,29 +227,3 @@ def test_stats_carry_the_decision(monkeypatch):
     assert (st["dtype"], st["channels_last"]) == ("bfloat16", True)
     assert st["precision"]["source"] == "probe" and st["precision"]["reason"].startswith("bfloat16 50 ms")
     assert isinstance(Precision(torch.float32, True, "forced", "x").as_dict()["dtype"], str)
-
-
-class TestProgress:
-    def test_forced_bar_shows_the_tiles(self, capsys, caplog):
-        inf = ValidTiledInferer(tile_size=(12, 12, 12), amp=False, channels_last=True, progress=True, name="stage 1")
-        with caplog.at_level(logging.INFO, logger="custom.inferer"):
-            inf(torch.randn(1, 1, 20, 13, 9), make_net())
-        err = capsys.readouterr().err
-        assert inf.last_stats["tiles_run"] == 4
-        assert "stage 1" in err and "4/4" in err and "tile/s" in err or "s/tile" in err
-        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage 1: 4 tiles run")]
-        assert len(lines) == 1 and "0 skipped" in lines[0] and "float32, channels_last_3d" in lines[0]
-
-    def test_shared_encoder_bar_counts_passes(self, capsys):
-        inf = ValidTiledInferer(overlap=4, amp=False, channels_last=True, progress=True)
-        inf(torch.randn(1, 1, 14, 12, 10), make_net())
-        err = capsys.readouterr().err
-        assert (
-            inf.last_stats["shared_encoder"] and f"{inf.last_stats['tiles_run']}/{inf.last_stats['tiles_run']}" in err
-        )
-
-    @pytest.mark.parametrize("progress", ["auto", False, "false"])
-    def test_quiet_when_not_a_terminal_or_asked(self, capsys, progress):
-        inf = ValidTiledInferer(tile_size=(12, 12, 12), amp=False, channels_last=True, progress=progress)
-        inf(torch.randn(1, 1, 20, 13, 9), make_net())
-        assert capsys.readouterr().err == ""  # pytest's captured stderr is not a terminal
