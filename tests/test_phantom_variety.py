@@ -10,6 +10,7 @@ import pytest
 
 from tools.phantom import PRESETS, generate_phantom
 from tools.phantom.anatomy import Anatomy
+from tools.phantom.generate import anatomy_span
 from tools.phantom.params import sample_params
 from tools.phantom.render import Canvas, render
 from tools.phantom.tissues import T
@@ -89,8 +90,7 @@ def _render(seed: int, pelvic: bool):
     g, acq, _ = _drawn(seed)
     g["pelvic_organs"] = pelvic
     an = Anatomy(seed, g)
-    span = (g["z_R"], min(an.organs["kidney_right"].box()[0][2] + 25.0, g["z_P"] - 95.0))
-    xs, ys, zs, spacing = resolve_grid(acq, g["a"], PRESETS["varied"], COARSE, g, span)
+    xs, ys, zs, spacing = resolve_grid(acq, g["a"], PRESETS["varied"], COARSE, g, anatomy_span(an))
     cv = Canvas(xs, ys, zs)
     render(an, cv)
     return g, cv, float(np.prod(spacing)) / 1000.0

@@ -57,6 +57,12 @@ class Phantom:
         return out[0], out[1]
 
 
+def anatomy_span(an: Anatomy) -> tuple[float, float]:
+    """The z range (mm) the field of view must cover: from the right dome down below the kidneys."""
+    g = an.g
+    return g["z_R"], min(an.organs["kidney_right"].box()[0][2] + 25.0, g["z_P"] - 95.0)
+
+
 def generate_phantom(seed: int, labels="paper", preset: str = "demo", **overrides) -> Phantom:
     """Generate one synthetic abdominal CT with its label map.
 
@@ -96,8 +102,7 @@ def generate_phantom(seed: int, labels="paper", preset: str = "demo", **override
     flips = orientation_flips(acq["orientation"])
     acq["orientation"] = acq["orientation"].upper()
     an = Anatomy(seed, g)
-    span = (g["z_R"], min(an.organs["kidney_right"].box()[0][2] + 25.0, g["z_P"] - 95.0))
-    xs, ys, zs, spacing = resolve_grid(acq, g["a"], cfg, overrides, g, span)
+    xs, ys, zs, spacing = resolve_grid(acq, g["a"], cfg, overrides, g, anatomy_span(an))
     cv = Canvas(xs, ys, zs)
     render(an, cv)
     hu = {name: v[acq["phase"]] for name, v in g["hu_all"].items()}
